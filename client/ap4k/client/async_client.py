@@ -1,0 +1,352 @@
+"""`AsyncClient`: the server's HTTP API for asyncio applications, on aiohttp.
+
+Every call goes through `_request`, which owns the three policies of the client:
+
+- failover: the client keeps one "current" server URL and sticks to it while it answers;
+  a connection error, timeout, 5xx or 429 moves it on to the next URL at once;
+- retries: after a full round of URLs failed it sleeps with exponential backoff and jitter
+  (or the server's Retry-After), up to `RetryPolicy.attempts` requests per call;
+- errors: a 4xx other than 408/429 is the server saying no: raised at once as a typed
+  `ApiError` with the server's code, message and field.
+
+Retrying a POST is safe only when the server can recognise the resend: give messages a
+`dedup_key` (the outbox forwarder always does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from ap4k.client.errors import ServerUnavailable, api_error
+from ap4k.client.models import (
+    JSON,
+    Cancelled,
+    DeadLetters,
+    Enqueued,
+    Message,
+    NewMessage,
+    Queue,
+    QueueSettings,
+)
+from ap4k.client.retry import RetryPolicy, is_retryable_status, retry_after_seconds
+
+logger = logging.getLogger("ap4k.client")
+
+DEFAULT_SERVER_URL = "http://127.0.0.1:7438"
+MAX_BATCH = 1000  # the server's limit for one POST of {"messages": [...]}
+
+# Failures that say nothing about the request itself: the server was unreachable or died.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    asyncio.TimeoutError,
+)
+
+
+def split_urls(urls: str | Iterable[str]) -> list[str]:
+    """`"http://a:7438,http://b:7438"` or a list → clean base URLs without trailing slash."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    cleaned = [u.strip().rstrip("/") for u in items if u and u.strip()]
+    if not cleaned:
+        raise ValueError("at least one server URL is needed")
+    return cleaned
+
+
+class AsyncClient:
+    """An asyncio client for one ap4k deployment, reachable at one or several URLs.
+
+    Use it as an async context manager, or call `close()` when done. The aiohttp session is
+    created on first use, in the running loop, so the client may be built anywhere.
+    """
+
+    def __init__(
+        self,
+        urls: str | Iterable[str] = DEFAULT_SERVER_URL,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float = 3.0,
+        retry: RetryPolicy | None = None,
+        session: aiohttp.ClientSession | None = None,
+        user_agent: str = "ap4k-client",
+    ) -> None:
+        self.urls = split_urls(urls)
+        self.retry = retry or RetryPolicy()
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self._headers = {"User-Agent": user_agent, "Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._session = session
+        self._owns_session = session is None
+        self._current = 0  # index of the URL that answered last
+
+    @property
+    def current_url(self) -> str:
+        """The server URL the next request goes to first."""
+        return self.urls[self._current]
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+        self._session = None
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def send(
+        self,
+        queue: str,
+        target: str,
+        body: JSON = None,
+        *,
+        method: str | None = None,
+        headers: dict[str, str] | None = None,
+        delay_seconds: float | None = None,
+        not_before: datetime | None = None,
+        priority: int | None = None,
+        dedup_key: str | None = None,
+        ordering_key: str | None = None,
+        max_attempts: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> Enqueued:
+        """Enqueue one message; returns once the server has committed it."""
+        message = NewMessage(
+            target=target,
+            body=body,
+            method=method,
+            headers=headers,
+            delay_seconds=delay_seconds,
+            not_before=not_before,
+            priority=priority,
+            dedup_key=dedup_key,
+            ordering_key=ordering_key,
+            max_attempts=max_attempts,
+            timeout_seconds=timeout_seconds,
+        )
+        return await self.send_message(queue, message)
+
+    async def send_message(self, queue: str, message: NewMessage) -> Enqueued:
+        data = await self._request("POST", _queue_path(queue, "messages"), message.to_json())
+        return Enqueued.from_json(data)
+
+    async def send_many(
+        self, queue: str, messages: Sequence[NewMessage | Mapping[str, JSON]]
+    ) -> list[Enqueued]:
+        """Enqueue many messages, in order, in POSTs of up to 1,000.
+
+        Each POST is atomic on the server; a list longer than 1,000 is not, as a whole. Give
+        the messages dedup keys if you retry a failed call.
+        """
+        payloads = [_message_json(m) for m in messages]
+        results: list[Enqueued] = []
+        for start in range(0, len(payloads), MAX_BATCH):
+            chunk = payloads[start : start + MAX_BATCH]
+            results.extend(await self.send_json_batch(queue, chunk))
+        return results
+
+    async def send_json_batch(self, queue: str, payloads: list[dict[str, JSON]]) -> list[Enqueued]:
+        """One POST of up to 1,000 messages already in the API's JSON form."""
+        if len(payloads) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} messages per batch")
+        data = await self._request(
+            "POST", _queue_path(queue, "messages"), {"messages": payloads}
+        )
+        results = [Enqueued.from_json(item) for item in data["messages"]]
+        if len(results) != len(payloads):
+            raise ServerUnavailable(
+                "the server answered a batch with the wrong number of results",
+                attempts=1,
+                last_error=f"sent {len(payloads)}, got {len(results)}",
+            )
+        return results
+
+    async def get(self, message_id: str) -> Message:
+        return Message.from_json(await self._request("GET", _message_path(message_id)))
+
+    async def cancel(self, message_id: str) -> Cancelled:
+        """Cancel a message that has not finished yet (`Conflict` if it has)."""
+        return Cancelled.from_json(await self._request("DELETE", _message_path(message_id)))
+
+    # -- queues -----------------------------------------------------------------------------
+
+    async def queues(self) -> list[Queue]:
+        data = await self._request("GET", "/v1/queues")
+        return [Queue.from_json(q) for q in data.get("queues") or []]
+
+    async def queue(self, name: str) -> Queue:
+        return Queue.from_json(await self._request("GET", _queue_path(name)))
+
+    async def set_queue(
+        self, name: str, settings: QueueSettings | None = None, **fields: JSON
+    ) -> Queue:
+        """Change a queue's settings (creating the queue if needed); unset fields are kept.
+
+        Either a `QueueSettings` or keyword fields: `set_queue("mail", paused=True)`.
+        """
+        payload = settings.to_json() if settings is not None else {}
+        payload.update({k: v for k, v in fields.items() if v is not None})
+        return Queue.from_json(await self._request("PUT", _queue_path(name), payload))
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def dead_letters(
+        self, queue: str, *, limit: int = 100, after: str | None = None
+    ) -> DeadLetters:
+        params = {"limit": str(limit)}
+        if after is not None:
+            params["after"] = after
+        data = await self._request("GET", _queue_path(queue, "dead"), params=params)
+        return DeadLetters.from_json(data)
+
+    async def iter_dead_letters(
+        self, queue: str, *, page_size: int = 100
+    ) -> AsyncIterator[Message]:
+        """Every dead letter of a queue, page by page."""
+        after: str | None = None
+        while True:
+            page = await self.dead_letters(queue, limit=page_size, after=after)
+            for message in page.messages:
+                yield message
+            if page.next is None or not page.messages:
+                return
+            after = page.next
+
+    async def redrive(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        """Make dead letters available again (all of them, or those `ids`); returns how many."""
+        payload = None if ids is None else {"ids": list(ids)}
+        data = await self._request("POST", _queue_path(queue, "dead", "redrive"), payload or {})
+        return int(data.get("redriven", 0))
+
+    async def purge_dead(self, queue: str) -> int:
+        """Delete a queue's dead letters for good; returns how many."""
+        data = await self._request("DELETE", _queue_path(queue, "dead"))
+        return int(data.get("purged", 0))
+
+    async def ready(self) -> bool:
+        """True when the current server (or, failing that, another) answers /readyz."""
+        try:
+            await self._request("GET", "/readyz", expect_json=False)
+        except ServerUnavailable:
+            return False
+        return True
+
+    # -- transport --------------------------------------------------------------------------
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # Keep-alive connections to every server URL; the limit matches what one
+            # process can usefully push (see PERFORMANCE-NOTES: ~13k POST/s per session).
+            connector = aiohttp.TCPConnector(limit=64, limit_per_host=32)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, headers=self._headers
+            )
+            self._owns_session = True
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        payload: JSON = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        expect_json: bool = True,
+    ) -> Any:
+        session = self._get_session()
+        data = None if payload is None else orjson.dumps(payload)
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        attempts = max(self.retry.attempts, len(self.urls))
+        failed_in_round = 0
+        rounds_failed = 0
+        last_error: BaseException | str = "no attempt made"
+        for attempt in range(1, attempts + 1):
+            base = self.urls[self._current]
+            url = base + path
+            retry_after: float | None = None
+            try:
+                async with session.request(
+                    method, url, data=data, headers=headers, params=params
+                ) as response:
+                    status = response.status
+                    if status < 300:
+                        if not expect_json:
+                            await response.read()
+                            return None
+                        raw = await response.read()
+                        return orjson.loads(raw) if raw else {}
+                    raw = await response.read()
+                    body = _decode_error_body(raw)
+                    if not is_retryable_status(status):
+                        raise api_error(status, body, url=url)
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                    last_error = f"{method} {url}: HTTP {status} {_short(body)}"
+            except CONNECTION_ERRORS as exc:
+                last_error = exc
+                logger.debug("%s %s failed: %r", method, url, exc)
+            # This URL failed: fail over to the next one.
+            self._current = (self._current + 1) % len(self.urls)
+            failed_in_round += 1
+            if attempt == attempts:
+                break
+            if failed_in_round >= len(self.urls) or retry_after is not None:
+                # Every URL failed once (or the server asked us to wait): back off.
+                failed_in_round = 0
+                rounds_failed += 1
+                delay = self.retry.backoff(rounds_failed)
+                if retry_after is not None:
+                    delay = max(delay, min(retry_after, self.retry.max_retry_after_seconds))
+                await asyncio.sleep(delay)
+        raise ServerUnavailable(
+            f"{method} {path} failed on {', '.join(self.urls)}",
+            attempts=attempts,
+            last_error=last_error,
+        )
+
+
+def _message_json(message: NewMessage | Mapping[str, JSON]) -> dict[str, JSON]:
+    if isinstance(message, NewMessage):
+        return message.to_json()
+    return NewMessage(**message).to_json()
+
+
+def _queue_path(queue: str, *parts: str) -> str:
+    if not queue:
+        raise ValueError("queue name must not be empty")
+    return "/".join(["/v1/queues", quote(queue, safe=""), *parts])
+
+
+def _message_path(message_id: str) -> str:
+    if not message_id:
+        raise ValueError("message id must not be empty")
+    return f"/v1/messages/{quote(str(message_id), safe='')}"
+
+
+def _decode_error_body(raw: bytes) -> JSON:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
+def _short(body: JSON) -> str:
+    text = body if isinstance(body, str) else orjson.dumps(body).decode()
+    return text[:200]
