@@ -1,0 +1,44 @@
+"""Flags with `AP4K_*` environment defaults, shared by every component's command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def env(name: str, default: Any = None, cast: type = str) -> Any:
+    """The value of `AP4K_<name>` cast to `cast`, or `default` when unset or empty."""
+    raw = os.environ.get(f"AP4K_{name}")
+    if raw is None or raw == "":
+        return default
+    if cast is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return cast(raw)
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    env_name: str,
+    default: Any = None,
+    cast: type = str,
+    help: str,
+) -> None:
+    """Add `--flag` whose default comes from `AP4K_<env_name>`, then from `default`."""
+    value = env(env_name, default, cast)
+    if cast is bool:
+        parser.add_argument(
+            flag,
+            action=argparse.BooleanOptionalAction,
+            default=value,
+            help=f"{help} [env AP4K_{env_name}]",
+        )
+    else:
+        parser.add_argument(
+            flag,
+            type=cast,
+            default=value,
+            help=f"{help} [env AP4K_{env_name}; default {default!r}]",
+        )

@@ -1,0 +1,204 @@
+"""One HTTP delivery of one message, and what its outcome means.
+
+Shared by the server's dispatchers and by carriers, so that both deliver identically:
+the same headers, signature, timeout, SSRF guard and classification of outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import hmac
+import random
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_address
+
+USER_AGENT = "ap4k/0.1"
+# Retry-After can ask for anything; we wait at most a day.
+MAX_RETRY_AFTER_SECONDS = 86_400.0
+
+
+class Verdict(StrEnum):
+    DELIVERED = "delivered"  # 2xx
+    RETRY = "retry"  # 408, 429, 5xx, timeout, connection error
+    FAIL = "fail"  # any other status, or a target we may not call: dead letter at once
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A leased message, as dispatchers and carriers hold it."""
+
+    id: int
+    queue: str
+    attempt: int
+    max_attempts: int
+    target: str
+    method: str
+    headers: dict[str, str] | None
+    body: bytes | None
+    timeout_seconds: float
+    created_at: float  # epoch seconds, for end-to-end latency
+    ordering_key: str | None = None
+    signing_secret: str | None = None
+    # The queue's allow-list names this target's host: link-local addresses may be used.
+    explicitly_allowed: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    verdict: Verdict
+    status: int | None
+    error: str | None
+    retry_after: float | None
+    duration: float
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """HMAC-SHA256 over "<timestamp>.<body>", as the Ap4k-Signature header carries it."""
+    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_SECONDS)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def classify_status(status: int) -> Verdict:
+    if 200 <= status < 300:
+        return Verdict.DELIVERED
+    if status in (408, 429) or status >= 500:
+        return Verdict.RETRY
+    return Verdict.FAIL
+
+
+def backoff_seconds(attempt: int, min_backoff: float, max_backoff: float) -> float:
+    """Exponential backoff with "equal jitter": between half and all of min·2^(attempt-1)."""
+    ceiling = min(max_backoff, min_backoff * (2.0 ** min(attempt - 1, 60)))
+    return ceiling / 2 + random.random() * ceiling / 2
+
+
+def encode_body(body: Any) -> bytes:
+    return orjson.dumps(body)
+
+
+class Deliverer:
+    """Delivers messages over two keep-alive connection pools: a guarded one for ordinary
+    targets, and one without the link-local guard for targets a queue allows explicitly."""
+
+    def __init__(self, max_connections: int = 0) -> None:
+        self._max_connections = max_connections
+        self._guarded: aiohttp.ClientSession | None = None
+        self._open: aiohttp.ClientSession | None = None
+
+    def _session(self, guarded: bool) -> aiohttp.ClientSession:
+        if guarded:
+            if self._guarded is None:
+                self._guarded = self._new_session(GuardedResolver())
+            return self._guarded
+        if self._open is None:
+            self._open = self._new_session(None)
+        return self._open
+
+    def _new_session(self, resolver: GuardedResolver | None) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            resolver=resolver,
+            ttl_dns_cache=10,
+            enable_cleanup_closed=True,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": USER_AGENT},
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+        )
+
+    async def close(self) -> None:
+        for session in (self._guarded, self._open):
+            if session is not None:
+                await session.close()
+        self._guarded = self._open = None
+
+    async def deliver(self, d: Delivery) -> Outcome:
+        started = time.perf_counter()
+        headers = {
+            "Content-Type": "application/json",
+            "Ap4k-Message-Id": str(d.id),
+            "Ap4k-Queue": d.queue,
+            "Ap4k-Attempt": str(d.attempt),
+        }
+        if d.headers:
+            headers.update(d.headers)
+        body = d.body or b""
+        if d.signing_secret:
+            timestamp = int(time.time())
+            headers["Ap4k-Timestamp"] = str(timestamp)
+            headers["Ap4k-Signature"] = sign(d.signing_secret, timestamp, body)
+        guarded = not d.explicitly_allowed
+        try:
+            if guarded:
+                host = URL(d.target).host or ""
+                if is_blocked_address(host):
+                    raise BlockedAddressError(f"{host} is a link-local or metadata address")
+            async with self._session(guarded).request(
+                d.method,
+                d.target,
+                data=body if d.method not in ("GET", "HEAD") or body else None,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=d.timeout_seconds),
+                allow_redirects=False,
+            ) as response:
+                # Read (and drop) the answer so that the connection can be reused.
+                await response.read()
+                status = response.status
+                verdict = classify_status(status)
+                error = None
+                retry_after = None
+                if verdict is not Verdict.DELIVERED:
+                    error = f"HTTP {status} {response.reason or ''}".strip()
+                    if 300 <= status < 400:
+                        error += " (redirects are not followed)"
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                return Outcome(verdict, status, error, retry_after, time.perf_counter() - started)
+        except BlockedAddressError as exc:
+            return Outcome(
+                Verdict.FAIL, None, f"refused: {exc}", None, time.perf_counter() - started
+            )
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, BlockedAddressError):
+                error = f"refused: {exc.os_error}"
+                return Outcome(Verdict.FAIL, None, error, None, time.perf_counter() - started)
+            return self._transient(f"connection error: {exc}", started)
+        except TimeoutError:
+            return self._transient(f"timed out after {d.timeout_seconds:g}s", started)
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._transient(f"{type(exc).__name__}: {exc}", started)
+        except asyncio.CancelledError:
+            raise
+        except ValueError as exc:  # an URL or header aiohttp will not send
+            return Outcome(
+                Verdict.FAIL, None, f"invalid request: {exc}", None, time.perf_counter() - started
+            )
+
+    @staticmethod
+    def _transient(error: str, started: float) -> Outcome:
+        return Outcome(Verdict.RETRY, None, error, None, time.perf_counter() - started)

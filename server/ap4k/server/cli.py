@@ -1,0 +1,232 @@
+"""`ap4k serve`, `ap4k migrate` and the operator's shell commands (send, queues, dead, redrive)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ap4k.core.config import add_flag
+
+DEFAULT_SERVER = "http://127.0.0.1:7438"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser("serve", help="run the server (embedded PostgreSQL by default)")
+    add_flag(serve, "--host", env_name="HOST", default="0.0.0.0", help="address to listen on")
+    add_flag(serve, "--port", env_name="PORT", default=7438, cast=int, help="port to listen on")
+    add_flag(
+        serve,
+        "--dispatchers",
+        env_name="DISPATCHERS",
+        default=32,
+        cast=int,
+        help="concurrent deliveries by this process (0: carriers only)",
+    )
+    add_flag(
+        serve,
+        "--database-url",
+        env_name="DATABASE_URL",
+        default=None,
+        help="PostgreSQL URL; without one, an embedded PostgreSQL runs in --data-dir",
+    )
+    add_flag(
+        serve,
+        "--data-dir",
+        env_name="DATA_DIR",
+        default=None,
+        help="where the embedded PostgreSQL keeps its data (default: user data dir)",
+    )
+    add_flag(
+        serve,
+        "--api-token",
+        env_name="API_TOKEN",
+        default=None,
+        help="require 'Authorization: Bearer <token>' on /v1",
+    )
+    add_flag(
+        serve,
+        "--max-body-bytes",
+        env_name="MAX_BODY_BYTES",
+        default=1024 * 1024,
+        cast=int,
+        help="largest request body accepted (413 past it)",
+    )
+    add_flag(
+        serve,
+        "--retention-seconds",
+        env_name="RETENTION_SECONDS",
+        default=86400.0,
+        cast=float,
+        help="keep completed and cancelled messages this long",
+    )
+    add_flag(
+        serve,
+        "--drain-seconds",
+        env_name="DRAIN_SECONDS",
+        default=10.0,
+        cast=float,
+        help="on SIGTERM, how long in-flight deliveries may take to finish",
+    )
+    add_flag(
+        serve,
+        "--pool-size",
+        env_name="POOL_SIZE",
+        default=12,
+        cast=int,
+        help="PostgreSQL connections of this process",
+    )
+    add_flag(
+        serve,
+        "--migrate",
+        env_name="MIGRATE",
+        default=True,
+        cast=bool,
+        help="apply schema migrations at start",
+    )
+    _logging_flags(serve)
+    serve.set_defaults(func=run_serve)
+
+    migrate = subparsers.add_parser("migrate", help="apply schema migrations")
+    add_flag(
+        migrate,
+        "--database-url",
+        env_name="DATABASE_URL",
+        default=None,
+        help="PostgreSQL URL (required)",
+    )
+    migrate.set_defaults(func=run_migrate)
+
+    send = subparsers.add_parser("send", help="enqueue one message")
+    send.add_argument("queue")
+    send.add_argument("target")
+    send.add_argument("--json", dest="body", default=None, help="JSON body")
+    send.add_argument("--delay", type=float, default=None, help="delay in seconds")
+    send.add_argument("--dedup-key", default=None)
+    send.add_argument("--method", default=None)
+    _server_flags(send)
+    send.set_defaults(func=run_send)
+
+    queues = subparsers.add_parser("queues", help="list queues with depth and settings")
+    _server_flags(queues)
+    queues.set_defaults(func=run_queues)
+
+    dead = subparsers.add_parser("dead", help="list a queue's dead letters")
+    dead.add_argument("queue")
+    dead.add_argument("--limit", type=int, default=100)
+    _server_flags(dead)
+    dead.set_defaults(func=run_dead)
+
+    redrive = subparsers.add_parser("redrive", help="send a queue's dead letters again")
+    redrive.add_argument("queue")
+    _server_flags(redrive)
+    redrive.set_defaults(func=run_redrive)
+
+
+def _logging_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--log-level", env_name="LOG_LEVEL", default="info", help="log level")
+    add_flag(parser, "--log-format", env_name="LOG_FORMAT", default="text", help="text or json")
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--server", env_name="SERVER_URL", default=DEFAULT_SERVER, help="server URL")
+    add_flag(parser, "--api-token", env_name="API_TOKEN", default=None, help="bearer token")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ap4k.core import logs
+    from ap4k.server.app import ServerSettings, serve
+
+    logs.configure(args.log_level, args.log_format)
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        dispatchers=args.dispatchers,
+        database_url=args.database_url,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        api_token=args.api_token,
+        max_body_bytes=args.max_body_bytes,
+        retention_seconds=args.retention_seconds,
+        drain_grace_seconds=args.drain_seconds,
+        migrate=args.migrate,
+        pool_size=args.pool_size,
+    )
+    logs.run_async(serve(settings))
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        print("ap4k migrate: --database-url (or AP4K_DATABASE_URL) is required", file=sys.stderr)
+        return 2
+
+    async def main() -> list[int]:
+        from ap4k.server.store import Store
+
+        store = await Store.connect(args.database_url, min_size=1, max_size=1)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    applied = asyncio.run(main())
+    print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
+    return 0
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
+    import aiohttp
+
+    async def main() -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {args.api_token}"} if args.api_token else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method,
+                args.server.rstrip("/") + path,
+                json=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as response,
+        ):
+            return response.status, await response.json(content_type=None)
+
+    try:
+        status, data = asyncio.run(main())
+    except OSError as exc:
+        print(f"ap4k: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2))
+    return 0 if status < 400 else 1
+
+
+def run_send(args: argparse.Namespace) -> int:
+    message: dict[str, Any] = {"target": args.target}
+    if args.body is not None:
+        try:
+            message["body"] = json.loads(args.body)
+        except json.JSONDecodeError as exc:
+            print(f"ap4k send: --json is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+    if args.delay is not None:
+        message["delay_seconds"] = args.delay
+    if args.dedup_key:
+        message["dedup_key"] = args.dedup_key
+    if args.method:
+        message["method"] = args.method
+    return _call(args, "POST", f"/v1/queues/{args.queue}/messages", message)
+
+
+def run_queues(args: argparse.Namespace) -> int:
+    return _call(args, "GET", "/v1/queues")
+
+
+def run_dead(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/v1/queues/{args.queue}/dead?limit={args.limit}")
+
+
+def run_redrive(args: argparse.Namespace) -> int:
+    return _call(args, "POST", f"/v1/queues/{args.queue}/dead/redrive")

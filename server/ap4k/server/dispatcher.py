@@ -1,0 +1,262 @@
+"""The server's own dispatchers: one leaser feeding N concurrent delivery workers.
+
+    leaser ──lease batch (SKIP LOCKED)──▶ ready buffer ──▶ N workers ──HTTP──▶ targets
+                                                             └──outcome──▶ OutcomeRecorder
+
+The leaser keeps up to two batches' worth of messages leased ahead of the workers, in
+batches that grow with the backlog (1 message when the queue is short, for latency; up to
+100 under load, for throughput: PERFORMANCE-NOTES, trap 3). Per queue it remembers a head
+pointer (the lowest lease_order it last saw) so that leases start there instead of walking
+the dead index entries that every delivery leaves behind (trap 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+
+import asyncpg
+
+from ap4k.core.delivery import Deliverer, Delivery, Outcome, Verdict
+from ap4k.core.targets import TargetError
+from ap4k.server import metrics
+from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
+from ap4k.server.queues import QueueDirectory
+from ap4k.server.store import QueueSettings, Store
+from ap4k.server.wakeups import Wakeups
+
+log = logging.getLogger("ap4k.dispatcher")
+
+MAX_LEASE_BATCH = 100
+# How often each process looks at every queue even without a hint (the polling fallback),
+# and forgets its head pointers (a message leased by someone else may have been released).
+POLL_SECONDS = 1.0
+
+
+def worker_identity(kind: str) -> str:
+    return f"{kind}/{socket.gethostname()}/{os.getpid()}"
+
+
+def delivery_from_record(
+    record: asyncpg.Record, settings: QueueSettings, directory: QueueDirectory
+) -> Delivery | Outcome:
+    """The Delivery for a leased row — or, if its target is no longer allowed, the outcome."""
+    try:
+        _, explicit = directory.target(settings, record["target"])
+    except TargetError as exc:
+        return Outcome(Verdict.FAIL, None, f"refused: {exc}", None, 0.0)
+    headers = record["headers"]
+    return Delivery(
+        id=record["id"],
+        queue=settings.name,
+        attempt=record["attempt"],
+        max_attempts=record["max_attempts"],
+        target=record["target"],
+        method=record["method"],
+        headers=None if headers is None else _load_headers(headers),
+        body=record["body"],
+        timeout_seconds=float(record["timeout_seconds"]),
+        created_at=record["created_at"].timestamp(),
+        ordering_key=record["ordering_key"],
+        signing_secret=settings.signing_secret,
+        explicitly_allowed=explicit,
+    )
+
+
+def _load_headers(text: str) -> dict[str, str]:
+    import orjson
+
+    loaded: dict[str, str] = orjson.loads(text)
+    return loaded
+
+
+class DispatcherPool:
+    def __init__(
+        self,
+        store: Store,
+        directory: QueueDirectory,
+        wakeups: Wakeups,
+        recorder: OutcomeRecorder,
+        size: int,
+        lease_seconds: float = 30.0,
+        drain_grace_seconds: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.directory = directory
+        self.wakeups = wakeups
+        self.recorder = recorder
+        self.size = size
+        self.lease_seconds = lease_seconds
+        self.drain_grace_seconds = drain_grace_seconds
+        self.identity = worker_identity("dispatcher")
+        self.deliverer = Deliverer(max_connections=max(size, 1) * 2)
+        self._ready: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._outstanding = 0  # leased and not yet delivered
+        self._capacity = asyncio.Event()
+        self._active: set[str] = set()  # queues that may have available messages
+        self._floors: dict[str, int] = {}
+        self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.size <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._lease_loop(), name="ap4k-leaser"))
+        for i in range(self.size):
+            self._tasks.append(loop.create_task(self._worker(), name=f"ap4k-dispatcher-{i}"))
+
+    async def stop(self) -> None:
+        """Drain: stop leasing, finish deliveries in flight within the grace period, and
+        give back whatever was leased but not delivered."""
+        if not self._tasks:
+            await self.deliverer.close()
+            return
+        self._stopping = True
+        leaser, workers = self._tasks[0], self._tasks[1:]
+        leaser.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaser
+        unstarted: list[Delivery] = []
+        while not self._ready.empty():
+            item = self._ready.get_nowait()
+            if item is not None:
+                unstarted.append(item)
+        for _ in workers:
+            self._ready.put_nowait(None)
+        _, still_running = await asyncio.wait(workers, timeout=self.drain_grace_seconds)
+        abandoned = list(self._in_flight.values())
+        for task in still_running:
+            task.cancel()
+        await asyncio.gather(*still_running, return_exceptions=True)
+        await self.recorder.drain()
+        await self._release(unstarted + abandoned)
+        await self.deliverer.close()
+        self._tasks.clear()
+
+    async def _release(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        try:
+            await self.store.release(
+                self.identity, [d.id for d in deliveries], [d.attempt for d in deliveries]
+            )
+            log.info("released %d undelivered leases", len(deliveries))
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("could not release %d leases (they will expire): %s", len(deliveries), exc)
+
+    def hint(self, queues: Iterable[str], *, reset_floor: bool = False) -> None:
+        for queue in queues:
+            self._active.add(queue)
+            if reset_floor:
+                self._floors.pop(queue, None)
+
+    # -- leasing --------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        next_poll = 0.0
+        rotation = 0
+        while not self._stopping:
+            if self._outstanding > self.size:  # two batches' worth in hand: wait for room
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + POLL_SECONDS
+                self._floors.clear()
+                try:
+                    self._active.update(await self.store.unpaused_queue_names())
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("cannot list queues: %s", exc)
+            self._active |= self.wakeups.hinted
+            self.wakeups.hinted.clear()
+            if not self._active:
+                await self.wakeups.wait(max(next_poll - time.monotonic(), 0.01))
+                continue
+            queues = sorted(self._active)
+            rotation += 1
+            leased_any = False
+            for queue in queues[rotation % len(queues) :] + queues[: rotation % len(queues)]:
+                room = 2 * self.size - self._outstanding
+                if room <= 0:
+                    break
+                try:
+                    leased_any |= await self._lease_from(queue, min(room, MAX_LEASE_BATCH))
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("lease from %s failed: %s", queue, exc)
+                    await asyncio.sleep(0.5)
+                    break
+            if not leased_any and not self.wakeups.hinted:
+                await self.wakeups.wait(max(next_poll - time.monotonic(), 0.01))
+
+    async def _lease_from(self, queue: str, limit: int) -> bool:
+        settings = await self.directory.get(queue, create=False)
+        if settings is None or settings.paused:
+            self._active.discard(queue)
+            return False
+        rows = await self.store.lease(
+            queue, limit, self.identity, self.lease_seconds, self._floors.get(queue, 0)
+        )
+        if len(rows) < limit:
+            # The queue is drained for now (or limited): wait for a hint or the next poll.
+            self._active.discard(queue)
+            self._floors.pop(queue, None)
+        elif rows:
+            self._floors[queue] = min(r["lease_order"] for r in rows)
+        if not rows:
+            return False
+        metrics.LEASED.labels(queue, "dispatcher").inc(len(rows))
+        refused: list[tuple[int, int, Outcome]] = []
+        for record in rows:
+            item = delivery_from_record(record, settings, self.directory)
+            if isinstance(item, Outcome):
+                refused.append((record["id"], record["attempt"], item))
+                continue
+            self._outstanding += 1
+            self._ready.put_nowait(item)
+        for msg_id, attempt, outcome in refused:
+            self.recorder.submit(
+                self.identity,
+                OutcomeReport(msg_id, attempt, outcome.verdict.value, None, outcome.error, None),
+            )
+        return True
+
+    # -- delivering -----------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            delivery = await self._ready.get()
+            if delivery is None:
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight[task] = delivery
+            metrics.DISPATCHERS_IN_FLIGHT.inc()
+            try:
+                outcome = await self.deliverer.deliver(delivery)
+            finally:
+                metrics.DISPATCHERS_IN_FLIGHT.dec()
+                self._in_flight.pop(task, None)
+            self._outstanding -= 1
+            self._capacity.set()
+            self.recorder.submit(
+                self.identity,
+                OutcomeReport(
+                    delivery.id,
+                    delivery.attempt,
+                    outcome.verdict.value,
+                    outcome.retry_after,
+                    outcome.error,
+                    outcome.duration,
+                    delivery.queue,
+                ),
+            )

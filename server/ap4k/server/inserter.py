@@ -1,0 +1,75 @@
+"""Group commit for enqueues: concurrent requests share INSERT statements and commits.
+
+PostgreSQL commits one row at ~25,000/s but 100 rows at ~350,000 rows/s. Requests that
+arrive while a statement is in flight wait for the next one and go in together, so a burst
+of single-message POSTs costs a handful of commits. No request is answered before the
+statement holding its rows has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from ap4k.server.store import EnqueueRow, Store
+
+MAX_ROWS_PER_STATEMENT = 2000
+
+Results = list[tuple[int, str, bool]]  # per row: id, state, duplicate
+Pending = tuple[Sequence[EnqueueRow], "asyncio.Future[Results]"]
+
+
+class Inserter:
+    def __init__(
+        self,
+        store: Store,
+        on_committed: Callable[[Sequence[EnqueueRow], list[tuple[int, str, bool]]], None],
+        concurrency: int = 4,
+    ) -> None:
+        self._store = store
+        self._on_committed = on_committed
+        self._concurrency = concurrency
+        self._pending: list[Pending] = []
+        self._flushers = 0
+
+    async def insert(self, rows: Sequence[EnqueueRow]) -> list[tuple[int, str, bool]]:
+        future: asyncio.Future[list[tuple[int, str, bool]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append((rows, future))
+        if self._flushers < self._concurrency:
+            self._flushers += 1
+            asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch: list[Pending] = []
+                count = 0
+                while self._pending and (
+                    not batch or count + len(self._pending[0][0]) <= MAX_ROWS_PER_STATEMENT
+                ):
+                    item = self._pending.pop(0)
+                    batch.append(item)
+                    count += len(item[0])
+                rows = [row for item_rows, _ in batch for row in item_rows]
+                try:
+                    results = await self._store.enqueue(rows)
+                except asyncio.CancelledError:
+                    for _, future in batch:
+                        future.cancel()
+                    raise
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                self._on_committed(rows, results)
+                offset = 0
+                for item_rows, future in batch:
+                    if not future.done():
+                        future.set_result(results[offset : offset + len(item_rows)])
+                    offset += len(item_rows)
+        finally:
+            self._flushers -= 1

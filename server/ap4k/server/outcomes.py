@@ -1,0 +1,127 @@
+"""Recording delivery outcomes in batches, for dispatchers and carriers' acks alike.
+
+Deliveries finish one by one; their outcomes are written together: whatever finished while
+the previous statement was in flight goes into the next one. Callers get, per outcome,
+whether it was accepted (the lease was still theirs) — carriers' stale acks are refused here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ap4k.server import metrics
+from ap4k.server.store import Store
+from ap4k.server.wakeups import Wakeups
+
+log = logging.getLogger("ap4k.outcomes")
+
+OUTCOME_LABEL = {"completed": "delivered", "retryable": "retried", "discarded": "dead"}
+
+
+@dataclass(slots=True)
+class OutcomeReport:
+    id: int
+    attempt: int
+    verdict: str  # delivered | retry | fail
+    retry_after: float | None
+    error: str | None
+    duration: float | None  # seconds of the HTTP call, when known
+    queue: str | None = None
+
+
+class OutcomeRecorder:
+    def __init__(
+        self,
+        store: Store,
+        wakeups: Wakeups,
+        on_retry_scheduled: Callable[[], None],
+        concurrency: int = 2,
+    ) -> None:
+        self._store = store
+        self._wakeups = wakeups
+        self._on_retry_scheduled = on_retry_scheduled
+        self._concurrency = concurrency
+        self._pending: dict[str, list[tuple[OutcomeReport, asyncio.Future[bool]]]] = {}
+        self._flushers = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, leased_by: str, report: OutcomeReport) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(leased_by, []).append((report, future))
+        if report.duration is not None and report.queue is not None:
+            metrics.DELIVERY_DURATION.labels(report.queue).observe(report.duration)
+        self._idle.clear()
+        if self._flushers < self._concurrency:
+            self._flushers += 1
+            asyncio.get_running_loop().create_task(self._flush())
+        return future
+
+    async def record(self, leased_by: str, reports: list[OutcomeReport]) -> list[bool]:
+        futures = [self.submit(leased_by, r) for r in reports]
+        return list(await asyncio.gather(*futures))
+
+    async def drain(self) -> None:
+        """Until everything submitted so far is written."""
+        await self._idle.wait()
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                leased_by = next(iter(self._pending))
+                batch = self._pending.pop(leased_by)
+                try:
+                    await self._write(leased_by, batch)
+                except asyncio.CancelledError:
+                    for _, future in batch:
+                        future.cancel()
+                    raise
+                except Exception as exc:
+                    # The leases stay as they are; they expire and the rescuer retries them.
+                    log.warning("recording %d outcomes failed: %s", len(batch), exc)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    await asyncio.sleep(0.2)
+        finally:
+            self._flushers -= 1
+            if self._flushers == 0 and not self._pending:
+                self._idle.set()
+
+    async def _write(
+        self, leased_by: str, batch: list[tuple[OutcomeReport, asyncio.Future[bool]]]
+    ) -> None:
+        reports = [r for r, _ in batch]
+        rows = await self._store.record_outcomes(
+            leased_by,
+            [r.id for r in reports],
+            [r.attempt for r in reports],
+            [r.verdict for r in reports],
+            [r.retry_after for r in reports],
+            [None if r.verdict == "delivered" else (r.error or "failed")[:2000] for r in reports],
+        )
+        accepted = set()
+        now = time.time()
+        wake: set[str] = set()
+        retried = False
+        for row in rows:
+            accepted.add(row["id"])
+            queue, state = row["queue"], row["state"]
+            metrics.DELIVERIES.labels(queue, OUTCOME_LABEL[state]).inc()
+            if state == "completed":
+                metrics.END_TO_END_LATENCY.labels(queue).observe(max(now - row["created_at"], 0))
+            elif state == "retryable":
+                retried = True
+            if row["ordering_key"] is not None and state != "retryable":
+                wake.add(queue)  # the next message with this key may go now
+        for report, future in batch:
+            if not future.done():
+                future.set_result(report.id in accepted)
+        if wake:
+            self._wakeups.announce(wake)
+        if retried:
+            self._on_retry_scheduled()

@@ -1,0 +1,62 @@
+"""Queue settings as the request path needs them: cached, created on first use.
+
+Settings change rarely and are read on every enqueue and lease, so each process keeps them in
+memory for a few seconds; a change made through any replica is announced with NOTIFY and
+drops the cached copy everywhere at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ap4k.core.targets import check_target, resolve_target
+from ap4k.server.store import QueueSettings, Store
+
+CACHE_SECONDS = 5.0
+
+
+class QueueDirectory:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._cache: dict[str, tuple[float, QueueSettings]] = {}
+        # (queue, target) -> (absolute URL, explicitly allowed); valid while settings are.
+        self._targets: dict[tuple[str, str], tuple[str, bool]] = {}
+
+    async def get(self, name: str, *, create: bool = True) -> QueueSettings | None:
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        settings = await self._store.get_queue(name)
+        if settings is None:
+            if not create:
+                return None
+            await self._store.ensure_queues([name])
+            settings = await self._store.get_queue(name)
+            assert settings is not None
+        self.put(settings)
+        return settings
+
+    def put(self, settings: QueueSettings) -> None:
+        previous = self._cache.get(settings.name)
+        if previous is not None and previous[1] != settings:
+            self._targets.clear()
+        self._cache[settings.name] = (time.monotonic() + CACHE_SECONDS, settings)
+
+    def invalidate(self, name: str | None = None) -> None:
+        if name is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(name, None)
+        self._targets.clear()
+
+    def target(self, settings: QueueSettings, target: str) -> tuple[str, bool]:
+        """(absolute URL, explicitly allowed) for a target; raises TargetError if refused."""
+        key = (settings.name, target)
+        hit = self._targets.get(key)
+        if hit is None:
+            url = resolve_target(target, settings.base_url)
+            hit = (url, check_target(url, settings.allowed_targets))
+            if len(self._targets) > 50_000:
+                self._targets.clear()
+            self._targets[key] = hit
+        return hit

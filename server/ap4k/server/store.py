@@ -1,0 +1,270 @@
+"""The server's access to PostgreSQL: a connection pool and one method per statement.
+
+Every statement lives in `queries.py`; this module binds parameters and shapes results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ap4k.server import queries
+from ap4k.server.migrate import migrate
+from ap4k.server.validation import SETTING_FIELDS
+
+STATES = ("available", "scheduled", "running", "retryable", "discarded")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    name: str
+    max_attempts: int
+    min_backoff_seconds: float
+    max_backoff_seconds: float
+    rate_limit_per_second: float | None
+    max_concurrency: int | None
+    paused: bool
+    base_url: str | None
+    allowed_targets: tuple[str, ...]
+    signing_secret: str | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> QueueSettings:
+        return cls(
+            name=r["name"],
+            max_attempts=r["max_attempts"],
+            min_backoff_seconds=r["min_backoff_seconds"],
+            max_backoff_seconds=r["max_backoff_seconds"],
+            rate_limit_per_second=r["rate_limit_per_second"],
+            max_concurrency=r["max_concurrency"],
+            paused=r["paused"],
+            base_url=r["base_url"],
+            allowed_targets=tuple(r["allowed_targets"] or ()),
+            signing_secret=r["signing_secret"],
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The settings as the API shows them: the signing secret never leaves the server."""
+        return {
+            "max_attempts": self.max_attempts,
+            "min_backoff_seconds": self.min_backoff_seconds,
+            "max_backoff_seconds": self.max_backoff_seconds,
+            "rate_limit_per_second": self.rate_limit_per_second,
+            "max_concurrency": self.max_concurrency,
+            "paused": self.paused,
+            "base_url": self.base_url,
+            "allowed_targets": list(self.allowed_targets),
+            "signing_secret_set": self.signing_secret is not None,
+        }
+
+
+@dataclass(slots=True)
+class QueueDepth:
+    counts: dict[str, int]
+    oldest_available_age_seconds: float
+
+
+# One row of the ENQUEUE statement's input, in its column order.
+EnqueueRow = tuple[
+    str,
+    str,
+    str,
+    str | None,
+    bytes | None,
+    int,
+    str | None,
+    str | None,
+    int | None,
+    float,
+    float | None,
+    datetime | None,
+]
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 16) -> Store:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            # Our statements are few and hot: keep them prepared.
+            statement_cache_size=256,
+            server_settings={"application_name": "ap4k"},
+        )
+        assert pool is not None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> list[int]:
+        async with self.pool.acquire() as conn:
+            return await migrate(conn)
+
+    # -- enqueue --------------------------------------------------------------------------
+
+    async def enqueue(self, rows: Sequence[EnqueueRow]) -> list[tuple[int, str, bool]]:
+        """Insert rows in one statement; per row (id, state, duplicate), in input order."""
+        columns = list(zip(*rows, strict=True))
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch(queries.ENQUEUE, *columns)
+            results = [(r["id"], r["state"], r["duplicate"]) for r in records]
+            for i, (msg_id, _, _) in enumerate(results):
+                if msg_id is None:  # a duplicate committed concurrently with us
+                    again = await conn.fetchrow(queries.FIND_BY_DEDUP_KEY, rows[i][0], rows[i][6])
+                    assert again is not None
+                    results[i] = (again["id"], again["state"], True)
+        return results
+
+    # -- leases and outcomes -------------------------------------------------------------
+
+    async def lease(
+        self, queue: str, limit: int, leased_by: str, lease_seconds: float, floor: int
+    ) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                queries.LEASE, queue, limit, leased_by, lease_seconds, floor
+            )
+            return rows
+
+    async def record_outcomes(
+        self,
+        leased_by: str,
+        ids: Sequence[int],
+        attempts: Sequence[int],
+        verdicts: Sequence[str],
+        retry_afters: Sequence[float | None],
+        errors: Sequence[str | None],
+    ) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                queries.RECORD_OUTCOMES, ids, attempts, verdicts, retry_afters, errors, leased_by
+            )
+            return rows
+
+    async def release(
+        self, leased_by: str, ids: Sequence[int], attempts: Sequence[int]
+    ) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.RELEASE, ids, attempts, leased_by)
+            return rows
+
+    async def extend(
+        self, leased_by: str, ids: Sequence[int], attempts: Sequence[int], seconds: float
+    ) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                queries.EXTEND, ids, attempts, leased_by, seconds
+            )
+            return rows
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    async def rescue_expired(self) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.RESCUE_EXPIRED)
+            return rows
+
+    async def promote_due(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            return [r["queue"] for r in await conn.fetch(queries.PROMOTE_DUE)]
+
+    async def seconds_until_next_due(self) -> float | None:
+        async with self.pool.acquire() as conn:
+            value: float | None = await conn.fetchval(queries.SECONDS_UNTIL_NEXT_DUE)
+            return value
+
+    async def prune_finished(self, older_than_seconds: float) -> int:
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(queries.PRUNE_FINISHED, older_than_seconds)
+        return int(status.split()[-1])
+
+    async def depths(self, queue: str | None = None) -> dict[str, QueueDepth]:
+        async with self.pool.acquire() as conn:
+            if queue is None:
+                records = await conn.fetch(queries.QUEUE_DEPTHS)
+            else:
+                records = await conn.fetch(queries.QUEUE_DEPTHS_OF_ONE, queue)
+        out: dict[str, QueueDepth] = {}
+        for r in records:
+            depth = out.setdefault(r["queue"], QueueDepth(dict.fromkeys(STATES, 0), 0.0))
+            depth.counts[r["state"]] = r["n"]
+            if r["state"] == "available":
+                depth.oldest_available_age_seconds = max(r["oldest"] or 0.0, 0.0)
+        return out
+
+    async def notify(self, channel: str, payload: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(queries.NOTIFY, channel, payload)
+
+    # -- messages -------------------------------------------------------------------------
+
+    async def get_message(self, msg_id: int) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(queries.GET_MESSAGE, msg_id)
+
+    async def cancel_message(self, msg_id: int) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(queries.CANCEL_MESSAGE, msg_id)
+
+    async def list_dead(self, queue: str, after: int, limit: int) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_DEAD, queue, after, limit)
+            return rows
+
+    async def redrive_dead(self, queue: str, ids: Sequence[int] | None) -> int:
+        async with self.pool.acquire() as conn:
+            return len(await conn.fetch(queries.REDRIVE_DEAD, queue, ids))
+
+    async def purge_dead(self, queue: str, ids: Sequence[int] | None) -> int:
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(queries.PURGE_DEAD, queue, ids)
+        return int(status.split()[-1])
+
+    # -- queues ---------------------------------------------------------------------------
+
+    async def ensure_queues(self, names: Sequence[str]) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(queries.ENSURE_QUEUES, list(names))
+
+    async def get_queue(self, name: str) -> QueueSettings | None:
+        async with self.pool.acquire() as conn:
+            record = await conn.fetchrow(queries.GET_QUEUE, name)
+        return None if record is None else QueueSettings.from_record(record)
+
+    async def list_queues(self) -> list[QueueSettings]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_QUEUES)
+        return [QueueSettings.from_record(r) for r in rows]
+
+    async def unpaused_queue_names(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            return [r["name"] for r in await conn.fetch(queries.UNPAUSED_QUEUE_NAMES)]
+
+    async def update_queue(self, name: str, changes: dict[str, Any]) -> QueueSettings:
+        """Create the queue if needed, then set the given (already validated) settings."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(queries.ENSURE_QUEUES, [name])
+            if not changes:
+                record = await conn.fetchrow(queries.GET_QUEUE, name)
+            else:
+                columns = [c for c in SETTING_FIELDS if c in changes]
+                assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
+                sql = queries.UPDATE_QUEUE_TEMPLATE.format(
+                    assignments=assignments, columns=queries.QUEUE_COLUMNS
+                )
+                values = [
+                    changes[c] if c != "allowed_targets" else list(changes[c] or [])
+                    for c in columns
+                ]
+                record = await conn.fetchrow(sql, name, *values)
+        assert record is not None
+        return QueueSettings.from_record(record)

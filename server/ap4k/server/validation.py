@@ -1,0 +1,288 @@
+"""Turning request JSON into checked values, with a clear error for each bad field.
+
+Kept deliberately plain (no schema library): a batch of 100 messages must validate in well
+under a millisecond, and every check here says exactly which field is wrong and why.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ap4k.server.errors import ApiError, invalid
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+# Headers that belong to the transport or to ap4k itself, not to the message.
+RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te"}
+)
+MESSAGE_FIELDS = frozenset(
+    {
+        "target",
+        "method",
+        "headers",
+        "body",
+        "delay_seconds",
+        "not_before",
+        "priority",
+        "dedup_key",
+        "ordering_key",
+        "max_attempts",
+        "timeout_seconds",
+    }
+)
+MAX_BATCH = 1000
+MAX_DELAY_SECONDS = 365 * 86400.0
+MAX_TIMEOUT_SECONDS = 1800.0
+DEFAULT_TIMEOUT_SECONDS = 30.0
+MAX_ATTEMPTS_LIMIT = 1000
+PRIORITY_LIMIT = 1000
+MAX_KEY_LENGTH = 256
+MAX_TARGET_LENGTH = 4096
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """A message that passed validation, ready for the target check and the INSERT."""
+
+    target: str
+    method: str
+    headers: str | None  # JSON text
+    body: bytes | None
+    priority: int
+    dedup_key: str | None
+    ordering_key: str | None
+    max_attempts: int | None
+    timeout_seconds: float
+    delay_seconds: float | None
+    not_before: datetime | None
+
+
+def check_queue_name(name: str) -> str:
+    if not QUEUE_NAME.match(name):
+        raise ApiError(
+            400,
+            "invalid_queue_name",
+            "queue names are 1-128 characters of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit",
+            "queue",
+        )
+    return name
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+
+
+def _int(value: Any, field: str, low: int, high: int) -> int:
+    if type(value) is not int:  # bool is an int subclass; refuse it too
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise invalid(field, f"{field} must be an integer")
+    if not low <= value <= high:
+        raise invalid(field, f"{field} must be between {low} and {high}")
+    return int(value)
+
+
+def _number(value: Any, field: str, low: float, high: float, *, open_low: bool = False) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise invalid(field, f"{field} must be a number")
+    if value < low or value > high or (open_low and value == low):
+        bound = f"greater than {low:g}" if open_low else f"at least {low:g}"
+        raise invalid(field, f"{field} must be {bound} and at most {high:g}")
+    return float(value)
+
+
+def _key(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
+        raise invalid(field, f"{field} must be a non-empty string of at most {MAX_KEY_LENGTH}")
+    return value
+
+
+def _headers(value: Any, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(field, "headers must be an object of header names to string values")
+    if len(value) > 64:
+        raise invalid(field, "at most 64 headers")
+    for name, header_value in value.items():
+        if not HEADER_NAME.match(name):
+            raise invalid(field, f"{name!r} is not a valid header name")
+        lowered = name.lower()
+        if lowered in RESERVED_HEADERS or lowered.startswith("ap4k-"):
+            raise invalid(field, f"header {name!r} is set by ap4k and cannot be overridden")
+        if not isinstance(header_value, str) or "\r" in header_value or "\n" in header_value:
+            raise invalid(field, f"header {name!r} must be a string without line breaks")
+    return orjson.dumps(value).decode() if value else None
+
+
+def _timestamp(value: Any, field: str) -> datetime:
+    if not isinstance(value, str):
+        raise invalid(field, f"{field} must be an RFC 3339 timestamp string")
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise invalid(
+            field, f"{field} must be an RFC 3339 timestamp, e.g. 2030-01-01T00:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        raise invalid(field, f"{field} must carry a time zone (e.g. a trailing Z)")
+    if when.year > 9000:
+        raise invalid(field, f"{field} is too far in the future")
+    return when
+
+
+def parse_message(data: Any, prefix: str = "") -> NewMessage:
+    """One message object of the API; `prefix` locates it in a batch (`messages[3].`)."""
+    if not isinstance(data, dict):
+        raise invalid(prefix.rstrip(".") or "body", "a message must be a JSON object")
+    unknown = data.keys() - MESSAGE_FIELDS
+    if unknown:
+        name = sorted(unknown)[0]
+        raise invalid(prefix + name, f"unknown field {name!r}")
+
+    target = data.get("target")
+    if not isinstance(target, str) or not target:
+        raise invalid(prefix + "target", "target is required: an http(s) URL or a path")
+    if len(target) > MAX_TARGET_LENGTH:
+        raise invalid(prefix + "target", f"target is longer than {MAX_TARGET_LENGTH} characters")
+
+    method = data.get("method", "POST")
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise invalid(prefix + "method", f"method must be one of {sorted(METHODS)}")
+
+    body = orjson.dumps(data["body"]) if "body" in data else None
+
+    delay = data.get("delay_seconds")
+    not_before = data.get("not_before")
+    if delay is not None and not_before is not None:
+        raise invalid(prefix + "delay_seconds", "give delay_seconds or not_before, not both")
+
+    priority = data.get("priority", 0)
+    dedup_key = data.get("dedup_key")
+    ordering_key = data.get("ordering_key")
+    max_attempts = data.get("max_attempts")
+    timeout = data.get("timeout_seconds")
+    return NewMessage(
+        target=target,
+        method=method.upper(),
+        headers=_headers(data.get("headers"), prefix + "headers"),
+        body=body,
+        priority=(
+            priority
+            if type(priority) is int and -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT
+            else _int(priority, prefix + "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
+        ),
+        dedup_key=None if dedup_key is None else _key(dedup_key, prefix + "dedup_key"),
+        ordering_key=None if ordering_key is None else _key(ordering_key, prefix + "ordering_key"),
+        max_attempts=(
+            None
+            if max_attempts is None
+            else _int(max_attempts, prefix + "max_attempts", 1, MAX_ATTEMPTS_LIMIT)
+        ),
+        timeout_seconds=(
+            DEFAULT_TIMEOUT_SECONDS
+            if timeout is None
+            else _number(timeout, prefix + "timeout_seconds", 0, MAX_TIMEOUT_SECONDS, open_low=True)
+        ),
+        delay_seconds=(
+            None
+            if delay is None
+            else _number(delay, prefix + "delay_seconds", 0, MAX_DELAY_SECONDS)
+        ),
+        not_before=None if not_before is None else _timestamp(not_before, prefix + "not_before"),
+    )
+
+
+def parse_enqueue(data: Any) -> tuple[list[NewMessage], bool]:
+    """The body of POST /v1/queues/{queue}/messages: (messages, is_batch)."""
+    if isinstance(data, dict) and "messages" in data:
+        if len(data) != 1:
+            extra = sorted(data.keys() - {"messages"})[0]
+            raise invalid(extra, f"a batch holds only 'messages'; unexpected field {extra!r}")
+        batch = data["messages"]
+        if not isinstance(batch, list) or not batch:
+            raise invalid("messages", "messages must be a non-empty array")
+        if len(batch) > MAX_BATCH:
+            raise invalid("messages", f"a batch holds at most {MAX_BATCH} messages")
+        return [parse_message(m, f"messages[{i}].") for i, m in enumerate(batch)], True
+    return [parse_message(data)], False
+
+
+# -- queue settings ---------------------------------------------------------------------
+
+SETTING_FIELDS = (
+    "max_attempts",
+    "min_backoff_seconds",
+    "max_backoff_seconds",
+    "rate_limit_per_second",
+    "max_concurrency",
+    "paused",
+    "base_url",
+    "allowed_targets",
+    "signing_secret",
+)
+
+
+def _url_prefix(value: Any, field: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.startswith(("http://", "https://"))
+        or len(value) > MAX_TARGET_LENGTH
+        or len(value.split("://", 1)[1]) == 0
+    ):
+        raise invalid(field, f"{field} must be an http(s) URL")
+    return value
+
+
+def parse_settings(data: Any) -> dict[str, Any]:
+    """The body of PUT /v1/queues/{queue}: only the fields given, each checked."""
+    if not isinstance(data, dict):
+        raise invalid("body", "queue settings must be a JSON object")
+    unknown = data.keys() - set(SETTING_FIELDS)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise invalid(name, f"unknown setting {name!r}; settings are {list(SETTING_FIELDS)}")
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name == "max_attempts":
+            out[name] = _int(value, name, 1, MAX_ATTEMPTS_LIMIT)
+        elif name in ("min_backoff_seconds", "max_backoff_seconds"):
+            out[name] = _number(value, name, 0, 86400.0)
+        elif name == "rate_limit_per_second":
+            out[name] = None if value is None else _number(value, name, 0, 1e6, open_low=True)
+        elif name == "max_concurrency":
+            out[name] = None if value is None else _int(value, name, 1, 1_000_000)
+        elif name == "paused":
+            if not isinstance(value, bool):
+                raise invalid(name, "paused must be true or false")
+            out[name] = value
+        elif name == "base_url":
+            out[name] = None if value is None else _url_prefix(value, name)
+        elif name == "allowed_targets":
+            if value is None:
+                value = []
+            if not isinstance(value, list) or len(value) > 100:
+                raise invalid(name, "allowed_targets must be an array of at most 100 URL prefixes")
+            out[name] = [_url_prefix(v, name) for v in value]
+        elif name == "signing_secret":
+            if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 256):
+                raise invalid(name, "signing_secret must be a string of 1 to 256 characters")
+            out[name] = value
+    low = out.get("min_backoff_seconds")
+    high = out.get("max_backoff_seconds")
+    if low is not None and high is not None and high < low:
+        raise invalid("max_backoff_seconds", "max_backoff_seconds must be >= min_backoff_seconds")
+    return out

@@ -1,0 +1,92 @@
+"""Who gets woken when: local signals first, LISTEN/NOTIFY across replicas second.
+
+A message enqueued through this process wakes this process's dispatchers and long-polling
+carriers directly. Other replicas hear of it through one NOTIFY per burst — never one per
+message, which would serialise commits (PERFORMANCE-NOTES, trap 1). NOTIFY is only a
+latency shortcut: leasers also poll, so a lost notification delays work, never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+import asyncpg
+
+from ap4k.server.queries import WAKEUP_CHANNEL
+from ap4k.server.store import Store
+
+log = logging.getLogger("ap4k.wakeups")
+
+SETTINGS_CHANNEL = "ap4k_settings"
+
+
+class Wakeups:
+    def __init__(self) -> None:
+        # Queues that may have available work, as far as this process has heard.
+        self.hinted: set[str] = set()
+        self._future: asyncio.Future[None] | None = None
+        self._outgoing: set[str] = set()
+        self._outgoing_event = asyncio.Event()
+
+    def hint(self, queues: Iterable[str]) -> None:
+        """Some messages of these queues became available: wake everyone waiting."""
+        self.hinted.update(queues)
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    def announce(self, queues: Iterable[str]) -> None:
+        """Wake this process now, and the other replicas with the next NOTIFY."""
+        queues = set(queues)
+        if queues:
+            self.hint(queues)
+            self._outgoing.update(queues)
+            self._outgoing_event.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next hint, or `timeout` seconds."""
+        if self._future is None or self._future.done():
+            self._future = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._future), timeout)
+
+    async def run_notifier(self, store: Store) -> None:
+        """Send the pending queue names as one NOTIFY; bursts coalesce while one is sent."""
+        while True:
+            await self._outgoing_event.wait()
+            self._outgoing_event.clear()
+            queues, self._outgoing = self._outgoing, set()
+            try:
+                await store.notify(WAKEUP_CHANNEL, ",".join(sorted(queues))[:7000])
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.debug("notify failed (polling covers it): %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def run_listener(self, dsn: str, on_settings_changed: Callable[[str], None]) -> None:
+        """LISTEN on a dedicated connection; reconnect when PostgreSQL goes away."""
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(dsn)
+                await conn.add_listener(
+                    WAKEUP_CHANNEL, lambda _c, _p, _ch, payload: self.hint(payload.split(","))
+                )
+                await conn.add_listener(
+                    SETTINGS_CHANNEL, lambda _c, _p, _ch, payload: on_settings_changed(payload)
+                )
+                # Anything announced while we were not listening is found by polling; tell
+                # the leasers to look at everything once.
+                on_settings_changed("")
+                # Check the connection now and then: a dead peer does not always say so.
+                while True:
+                    await asyncio.sleep(5.0)
+                    async with asyncio.timeout(5.0):
+                        await conn.fetchval("SELECT 1")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.info("LISTEN connection lost (%s); reconnecting", exc)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(1.0)

@@ -1,0 +1,281 @@
+"""Real parts for tests: PostgreSQL databases, HTTP targets, servers in and out of process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from ap4k.core.embedded_pg import free_port
+
+_database_numbers = itertools.count(1)
+
+
+async def create_database(admin_url: str, prefix: str = "t") -> str:
+    """A fresh, empty database on the test cluster; returns its URL."""
+    name = f"{prefix}_{os.getpid()}_{next(_database_numbers)}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+@dataclass
+class Received:
+    message_id: str
+    attempt: int
+    queue: str
+    body: bytes
+    headers: dict[str, str]
+    at: float
+
+
+Behaviour = Callable[
+    [Received, int], Awaitable[web.StreamResponse | int] | web.StreamResponse | int
+]
+
+
+@dataclass
+class Sink:
+    """A real HTTP target on 127.0.0.1 that records what it receives and answers as told.
+
+    `behaviour(received, nth_attempt_seen_for_this_id)` returns a status or a response;
+    by default every request gets 200.
+    """
+
+    behaviour: Behaviour | None = None
+    received: list[Received] = field(default_factory=list)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Sink:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = self.port or free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        item = Received(
+            message_id=request.headers.get("Ap4k-Message-Id", ""),
+            attempt=int(request.headers.get("Ap4k-Attempt", "0")),
+            queue=request.headers.get("Ap4k-Queue", ""),
+            body=await request.read(),
+            headers=dict(request.headers) | {":path": request.path_qs, ":method": request.method},
+            at=time.monotonic(),
+        )
+        seen = sum(1 for r in self.received if r.message_id == item.message_id)
+        self.received.append(item)
+        self._changed.set()
+        result: Any = 200
+        if self.behaviour is not None:
+            result = self.behaviour(item, seen + 1)
+            if asyncio.iscoroutine(result):
+                result = await result
+        if isinstance(result, int):
+            return web.Response(status=result)
+        assert isinstance(result, web.StreamResponse)
+        return result
+
+    def delivered_ids(self, status_ok: Callable[[Received], bool] | None = None) -> Counter[str]:
+        return Counter(r.message_id for r in self.received if status_ok is None or status_ok(r))
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"condition not met within {timeout}s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
+
+
+@contextlib.asynccontextmanager
+async def sink(behaviour: Behaviour | None = None) -> AsyncIterator[Sink]:
+    target = await Sink(behaviour).start()
+    try:
+        yield target
+    finally:
+        await target.stop()
+
+
+class Api:
+    """A thin JSON client for tests (the product's own client is tested on its own)."""
+
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.session = aiohttp.ClientSession(headers=headers)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        async with self.session.request(
+            method,
+            self.base_url + path,
+            json=json,
+            data=data,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=60),
+        ) as response:
+            text = await response.text()
+            try:
+                import json as jsonlib
+
+                return response.status, jsonlib.loads(text) if text else None
+            except ValueError:
+                return response.status, text
+
+    async def ok(self, method: str, path: str, json: Any = None) -> Any:
+        status, body = await self.call(method, path, json)
+        assert status < 300, (status, body)
+        return body
+
+    async def send(self, queue: str, message: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = await self.ok("POST", f"/v1/queues/{queue}/messages", message)
+        return body
+
+    async def send_batch(self, queue: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        body = await self.ok("POST", f"/v1/queues/{queue}/messages", {"messages": messages})
+        result: list[dict[str, Any]] = body["messages"]
+        return result
+
+    async def settings(self, queue: str, **settings: Any) -> dict[str, Any]:
+        body: dict[str, Any] = await self.ok("PUT", f"/v1/queues/{queue}", settings)
+        return body
+
+    async def message(self, msg_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = await self.ok("GET", f"/v1/messages/{msg_id}")
+        return body
+
+    async def wait_state(self, msg_id: str, *states: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await self.message(msg_id)
+            if message["state"] in states:
+                return message
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"message {msg_id} is {message['state']}, not {states}")
+            await asyncio.sleep(0.05)
+
+
+class ServerProcess:
+    """`ap4k serve` as a real child process, for tests that kill and restart it."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.args = args
+        self.port = port or free_port()
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(f"/tmp/ap4k-test-server-{self.port}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 30.0) -> ServerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ap4k.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database-url",
+                self.database_url,
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        await wait_ready(self.url + "/readyz", timeout, self.process)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def wait_ready(
+    url: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process exited with {process.returncode}")
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not ready within {timeout}s")
+            await asyncio.sleep(0.1)
+
+
+async def count_rows(database_url: str, sql: str, *args: Any) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        value: int = await conn.fetchval(sql, *args)
+        return value
+    finally:
+        await conn.close()
