@@ -218,7 +218,8 @@ class ServerProcess:
 
     async def start(self, timeout: float = 30.0) -> ServerProcess:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        # Popen returns at once; the child runs on its own.
+        self.process = subprocess.Popen(  # noqa: ASYNC220
             [
                 sys.executable,
                 "-m",
