@@ -73,6 +73,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_flag(
         serve,
+        "--lease-seconds",
+        env_name="LEASE_SECONDS",
+        default=30.0,
+        cast=float,
+        help="how long a dispatcher's lease lasts (at least the message timeout + 1 s)",
+    )
+    add_flag(
+        serve,
         "--pool-size",
         env_name="POOL_SIZE",
         default=12,
@@ -151,6 +159,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         retention_seconds=args.retention_seconds,
         drain_grace_seconds=args.drain_seconds,
+        lease_seconds=args.lease_seconds,
         migrate=args.migrate,
         pool_size=args.pool_size,
     )

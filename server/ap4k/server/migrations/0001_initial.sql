@@ -177,7 +177,7 @@ BEGIN
            leased_by = p_leased_by,
            attempted_at = now(),
            lease_expires_at = now() + make_interval(
-               secs => greatest(p_lease_seconds, m.timeout_seconds + 5))
+               secs => greatest(p_lease_seconds, m.timeout_seconds + 1))
       FROM picked
      WHERE m.id = picked.id
     RETURNING m.id, m.target, m.method, m.headers, m.body, m.attempt,
