@@ -8,9 +8,11 @@ import contextlib
 import importlib.util
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -33,15 +35,21 @@ needs_server = pytest.mark.skipif(not SERVER_AVAILABLE, reason="`ap4k serve` is 
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    """One PostgreSQL cluster for the session; each test gets its own databases in it."""
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("client-pg") / "data")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    """One PostgreSQL cluster for the session; each test gets its own databases in it.
+
+    Its directory is not one of pytest's numbered temporary directories: a concurrent
+    pytest run prunes those, which would pull the data directory from under the cluster.
+    """
+    base = Path(tempfile.mkdtemp(prefix="ap4k-client-pg-"))
+    pg = EmbeddedPostgres(base / "data")
     pg.init()
     pg.start()
     try:
         yield pg
     finally:
         pg.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def create_database(pg: EmbeddedPostgres, prefix: str) -> str:

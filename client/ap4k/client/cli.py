@@ -189,7 +189,13 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
         async def healthz(_request: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
 
+        async def readyz(_request: web.Request) -> web.Response:
+            # Ready once connected to the outbox (and its schema is in place).
+            ready = forwarder.started
+            return web.json_response({"ready": ready}, status=200 if ready else 503)
+
         app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, args.metrics_host, args.metrics_port).start()

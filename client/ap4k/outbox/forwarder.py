@@ -4,8 +4,8 @@ One round (`forward_batch`), in one transaction of the outbox database:
 
 1. claim the oldest rows nobody else holds (`FOR UPDATE SKIP LOCKED`, so any number of
    forwarders — replicas, or workers of one forwarder — share an outbox without overlap);
-2. hold back rows whose ordering key has an older row held by someone else, so that
-   messages sharing an ordering key reach the server in outbox order;
+2. hold back rows whose ordering key has an older row outside the batch (held by someone
+   else), so that messages sharing an ordering key reach the server in outbox order;
 3. POST them, per queue, as `{"messages": [...]}` with `dedup_key` = this outbox's identity
    + the row id (unless the application set its own key);
 4. delete the acknowledged rows and commit.
@@ -198,6 +198,10 @@ class Forwarder:
             await self._client.close()
         self._started = False
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     async def run(self) -> None:
         """Start, and forward until cancelled (then stop cleanly)."""
         await self.start()
@@ -260,26 +264,29 @@ class Forwarder:
         return result
 
     async def _hold_back_overtaking(self, conn: Any, rows: list[_Row]) -> list[_Row]:
-        first: dict[tuple[str, str], int] = {}
+        last: dict[tuple[str, str], int] = {}
         for row in rows:
             if row.ordering_key is not None:
-                first.setdefault((row.queue, row.ordering_key), row.id)
-        if not first:
+                last[(row.queue, row.ordering_key)] = row.id  # rows come in id order
+        if not last:
             return rows
-        keys = list(first)
-        blocked = {
-            (r["queue"], r["ordering_key"])
+        keys = list(last)
+        gaps = {
+            (r["queue"], r["ordering_key"]): r["first_outside"]
             for r in await conn.fetch(
-                sql.BLOCKED_ORDERING_KEYS,
+                sql.ORDERING_GAPS,
                 [k[0] for k in keys],
                 [k[1] for k in keys],
-                [first[k] for k in keys],
+                [last[k] for k in keys],
+                [r.id for r in rows],
             )
         }
-        if not blocked:
+        if not gaps:
             return rows
-        return [r for r in rows if r.ordering_key is None or (r.queue, r.ordering_key)
-                not in blocked]
+        return [
+            r for r in rows
+            if r.ordering_key is None or r.id < gaps.get((r.queue, r.ordering_key), r.id + 1)
+        ]
 
     async def _send(self, rows: list[_Row]) -> tuple[_Outcome, BaseException | None]:
         """POST the rows, one request per queue (concurrently), in outbox order within each."""

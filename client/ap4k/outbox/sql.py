@@ -114,16 +114,17 @@ LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 
-# Ordering keys of a claimed batch that still have an older row elsewhere (held by another
-# forwarder, typically): sending ours first would overtake it, so those keys wait.
-BLOCKED_ORDERING_KEYS = """
-SELECT k.queue, k.ordering_key
-FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(queue, ordering_key, first_id)
-WHERE EXISTS (
-    SELECT 1 FROM ap4k_outbox o
-    WHERE o.queue = k.queue AND o.ordering_key = k.ordering_key
-      AND o.id < k.first_id AND o.rejected_at IS NULL
-)
+# For each ordering key of a claimed batch: the oldest row of that key that is NOT in the
+# batch but older than the batch's newest row of the key — held by another forwarder, or
+# skipped by SKIP LOCKED. Sending our rows past it would overtake it, so only the rows
+# before it go now; the rest wait for their turn.
+ORDERING_GAPS = """
+SELECT k.queue, k.ordering_key, min(o.id) AS first_outside
+FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(queue, ordering_key, last_id)
+JOIN ap4k_outbox o
+  ON o.queue = k.queue AND o.ordering_key = k.ordering_key
+ AND o.id < k.last_id AND o.rejected_at IS NULL AND o.id <> ALL($4::bigint[])
+GROUP BY k.queue, k.ordering_key
 """
 
 DELETE_FORWARDED = "DELETE FROM ap4k_outbox WHERE id = ANY($1::bigint[])"
