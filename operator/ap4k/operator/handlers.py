@@ -1,0 +1,107 @@
+"""The kopf handlers: thin decorators, each delegating to `ap4k.operator.reconcile`.
+
+Run with `ap4k operator` (see cli.py), or `kopf run -m ap4k.operator.handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from ap4k.operator import config, kube, metrics, reconcile
+
+GROUP, VERSION, PLURAL = "ap4k.dev", "v1alpha1", "asyncqueues"
+CHILDREN = {"app.kubernetes.io/managed-by": "ap4k-operator"}
+
+# Replaced at every start: the tests run several operators, one after the other, in a process.
+runtime = reconcile.Runtime(kube=kube.client)
+health = metrics.Health()
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    global runtime
+    runtime = reconcile.Runtime(kube=kube.client)
+    # kopf's own bookkeeping goes to annotations: the status belongs to the AsyncQueue.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="ap4k.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="ap4k.dev", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "ap4k.dev/operator"
+    # One operator owns the carrier replicas; no peering (and no peering CRD to install).
+    settings.peering.standalone = True
+    settings.scanning.disabled = not config.current().scanning
+    settings.posting.level = logging.INFO
+    port = config.current().metrics_port
+    if port:
+        memo["metrics_runner"] = await metrics.serve(health, "0.0.0.0", port)
+    health.started_at = time.monotonic()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    health.started_at = None
+    runner = memo.get("metrics_runner")
+    if runner is not None:
+        await runner.cleanup()
+    await runtime.http.close()
+    await runtime.kube.close()
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The usual logins (in-cluster, kubeconfig), or a fixed URL without credentials.
+
+    The fixed URL (`AP4K_OPERATOR_KUBERNETES_URL`) is for `kubectl proxy` and the tests' API
+    mock. Either way the operator's own API client gets the same credentials as kopf.
+    """
+    url = config.current().kubernetes_url
+    info: kopf.ConnectionInfo | None
+    if url:
+        info = kopf.ConnectionInfo(server=url, default_namespace="default")
+    else:
+        info = (
+            kopf.login_via_client(**kwargs)
+            or kopf.login_with_service_account(**kwargs)
+            or kopf.login_with_kubeconfig(**kwargs)
+        )
+    if info is not None:
+        runtime.kube.set_credentials(info)
+    return info
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def reconcile_asyncqueue(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    await reconcile.reconcile(runtime, body, logger)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+async def forget_asyncqueue(name: str, namespace: str | None, **_: Any) -> None:
+    # Kubernetes deletes the children (owner references); only the memory is left to clear.
+    runtime.registry.forget(namespace or "", name)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def autoscale_carriers(
+    name: str, namespace: str | None, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
+) -> None:
+    await reconcile.autoscale(runtime, namespace or "", name, stopped, logger)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)
+async def deployment_event(
+    event: kopf.RawEvent, body: kopf.Body, logger: kopf.Logger, **_: Any
+) -> None:
+    await reconcile.correct_drift(runtime, "Deployment", event.get("type"), body, logger)
+
+
+@kopf.on.event("", "v1", "services", labels=CHILDREN)
+async def service_event(
+    event: kopf.RawEvent, body: kopf.Body, logger: kopf.Logger, **_: Any
+) -> None:
+    await reconcile.correct_drift(runtime, "Service", event.get("type"), body, logger)
