@@ -77,6 +77,13 @@ class EmbeddedPostgres:
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._user: str | None = SYSTEM_USER if _as_root() else None
 
+    @staticmethod
+    def version() -> str:
+        out = subprocess.run(
+            [str(BIN_DIR / "postgres"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        return out.split()[-1]
+
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
