@@ -20,10 +20,11 @@ import orjson
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from ap4k.core.delivery import Delivery
 from ap4k.core.targets import TargetError
-from ap4k.server import metrics
 from ap4k.server.errors import ApiError, invalid, not_found
 from ap4k.server.inserter import Inserter
+from ap4k.server.leaser import Leaser
 from ap4k.server.openapi import openapi_document
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
@@ -52,6 +53,7 @@ class Services:
     inserter: Inserter
     recorder: OutcomeRecorder
     wakeups: Wakeups
+    leaser: Leaser
     api_token: str | None
     ready: bool = True
 
@@ -392,7 +394,7 @@ async def lease(request: web.Request) -> web.Response:
     messages: list[dict[str, Any]] = []
     secrets: dict[str, str] = {}
     while True:
-        queues = wanted if wanted else await services.store.unpaused_queue_names()
+        queues = wanted or await services.store.unpaused_queue_names()
         for queue in queues:
             room = max_messages - len(messages)
             if room <= 0:
@@ -400,44 +402,34 @@ async def lease(request: web.Request) -> web.Response:
             settings = await services.directory.get(queue, create=False)
             if settings is None or settings.paused:
                 continue
-            rows = await services.store.lease(queue, min(room, 100), leased_by, lease_seconds, 0)
-            if rows:
-                metrics.LEASED.labels(queue, "carrier").inc(len(rows))
-            for r in rows:
-                explicit = False
-                try:
-                    _, explicit = services.directory.target(settings, r["target"])
-                except TargetError:
-                    pass  # delivered as refused by the carrier's own guard, then dead-lettered
-                messages.append(
-                    {
-                        "id": str(r["id"]),
-                        "queue": queue,
-                        "attempt": r["attempt"],
-                        "max_attempts": r["max_attempts"],
-                        "target": r["target"],
-                        "method": r["method"],
-                        "headers": orjson.Fragment(r["headers"]) if r["headers"] else {},
-                        "body": orjson.Fragment(r["body"]) if r["body"] is not None else None,
-                        "timeout_seconds": float(r["timeout_seconds"]),
-                        "created_at": r["created_at"].timestamp(),
-                        "ordering_key": r["ordering_key"],
-                        "lease_expires_at": _iso(r["lease_expires_at"]),
-                        "explicitly_allowed": explicit,
-                    }
-                )
-                if settings.signing_secret:
-                    secrets[queue] = settings.signing_secret
+            for item in await services.leaser.lease(settings, room, leased_by, lease_seconds):
+                messages.append(_leased_json(item))
+                if item.signing_secret:
+                    secrets[queue] = item.signing_secret
         remaining = deadline - time.monotonic()
-        if (
-            messages
-            or remaining <= 0
-            or request.transport is None
-            or request.transport.is_closing()
-        ):
+        transport = request.transport
+        if messages or remaining <= 0 or transport is None or transport.is_closing():
             break
         await services.wakeups.wait(min(remaining, 1.0))
     return json_response({"messages": messages, "signing_secrets": secrets})
+
+
+def _leased_json(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": str(d.id),
+        "queue": d.queue,
+        "attempt": d.attempt,
+        "max_attempts": d.max_attempts,
+        "target": d.target,
+        "method": d.method,
+        "headers": d.headers or {},
+        # The stored JSON text as a string: carriers send these exact bytes.
+        "body_json": None if d.body is None else d.body.decode(),
+        "timeout_seconds": d.timeout_seconds,
+        "created_at": d.created_at,
+        "ordering_key": d.ordering_key,
+        "explicitly_allowed": d.explicitly_allowed,
+    }
 
 
 VERDICTS = {"delivered", "retry", "fail"}

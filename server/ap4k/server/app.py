@@ -25,6 +25,7 @@ from ap4k.server.api import (
 )
 from ap4k.server.dispatcher import DispatcherPool
 from ap4k.server.inserter import Inserter
+from ap4k.server.leaser import Leaser
 from ap4k.server.maintenance import Maintenance
 from ap4k.server.outcomes import OutcomeRecorder
 from ap4k.server.queues import QueueDirectory
@@ -71,11 +72,13 @@ class Server:
         self.directory = directory = QueueDirectory(store)
         self.maintenance = Maintenance(store, wakeups, retention_seconds=s.retention_seconds)
         self.recorder = OutcomeRecorder(store, wakeups, self.maintenance.poke_scheduler)
+        self.leaser = Leaser(store, directory, self.recorder)
         self.dispatchers = DispatcherPool(
             store,
             directory,
             wakeups,
             self.recorder,
+            self.leaser,
             s.dispatchers,
             lease_seconds=s.lease_seconds,
             drain_grace_seconds=s.drain_grace_seconds,
@@ -86,6 +89,7 @@ class Server:
             inserter=Inserter(store, self._on_committed),
             recorder=self.recorder,
             wakeups=wakeups,
+            leaser=self.leaser,
             api_token=s.api_token,
         )
         app = web.Application(
@@ -143,8 +147,8 @@ class Server:
                 scheduled = True
         for queue, n in counts.items():
             metrics.MESSAGES_ENQUEUED.labels(queue).inc(n)
-        if prioritised:
-            self.dispatchers.hint(prioritised, reset_floor=True)
+        for queue in prioritised:
+            self.leaser.forget(queue)
         self.wakeups.announce(available)
         if scheduled:
             self.maintenance.poke_scheduler()

@@ -3,11 +3,9 @@
     leaser ──lease batch (SKIP LOCKED)──▶ ready buffer ──▶ N workers ──HTTP──▶ targets
                                                              └──outcome──▶ OutcomeRecorder
 
-The leaser keeps up to two batches' worth of messages leased ahead of the workers, in
+The lease loop keeps up to two batches' worth of messages leased ahead of the workers, in
 batches that grow with the backlog (1 message when the queue is short, for latency; up to
-100 under load, for throughput: PERFORMANCE-NOTES, trap 3). Per queue it remembers a head
-pointer (the lowest lease_order it last saw) so that leases start there instead of walking
-the dead index entries that every delivery leaves behind (trap 2).
+100 under load, for throughput: PERFORMANCE-NOTES, trap 3).
 """
 
 from __future__ import annotations
@@ -22,57 +20,22 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from ap4k.core.delivery import Deliverer, Delivery, Outcome, Verdict
-from ap4k.core.targets import TargetError
+from ap4k.core.delivery import Deliverer, Delivery
 from ap4k.server import metrics
+from ap4k.server.leaser import MAX_LEASE_BATCH, Leaser
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import QueueSettings, Store
+from ap4k.server.store import Store
 from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.dispatcher")
 
-MAX_LEASE_BATCH = 100
-# How often each process looks at every queue even without a hint (the polling fallback),
-# and forgets its head pointers (a message leased by someone else may have been released).
+# How often each process looks at every queue even without a hint (the polling fallback).
 POLL_SECONDS = 1.0
 
 
 def worker_identity(kind: str) -> str:
     return f"{kind}/{socket.gethostname()}/{os.getpid()}"
-
-
-def delivery_from_record(
-    record: asyncpg.Record, settings: QueueSettings, directory: QueueDirectory
-) -> Delivery | Outcome:
-    """The Delivery for a leased row — or, if its target is no longer allowed, the outcome."""
-    try:
-        _, explicit = directory.target(settings, record["target"])
-    except TargetError as exc:
-        return Outcome(Verdict.FAIL, None, f"refused: {exc}", None, 0.0)
-    headers = record["headers"]
-    return Delivery(
-        id=record["id"],
-        queue=settings.name,
-        attempt=record["attempt"],
-        max_attempts=record["max_attempts"],
-        target=record["target"],
-        method=record["method"],
-        headers=None if headers is None else _load_headers(headers),
-        body=record["body"],
-        timeout_seconds=float(record["timeout_seconds"]),
-        created_at=record["created_at"].timestamp(),
-        ordering_key=record["ordering_key"],
-        signing_secret=settings.signing_secret,
-        explicitly_allowed=explicit,
-    )
-
-
-def _load_headers(text: str) -> dict[str, str]:
-    import orjson
-
-    loaded: dict[str, str] = orjson.loads(text)
-    return loaded
 
 
 class DispatcherPool:
@@ -82,6 +45,7 @@ class DispatcherPool:
         directory: QueueDirectory,
         wakeups: Wakeups,
         recorder: OutcomeRecorder,
+        leaser: Leaser,
         size: int,
         lease_seconds: float = 30.0,
         drain_grace_seconds: float = 10.0,
@@ -90,6 +54,7 @@ class DispatcherPool:
         self.directory = directory
         self.wakeups = wakeups
         self.recorder = recorder
+        self.leaser = leaser
         self.size = size
         self.lease_seconds = lease_seconds
         self.drain_grace_seconds = drain_grace_seconds
@@ -99,7 +64,6 @@ class DispatcherPool:
         self._outstanding = 0  # leased and not yet delivered
         self._capacity = asyncio.Event()
         self._active: set[str] = set()  # queues that may have available messages
-        self._floors: dict[str, int] = {}
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -153,11 +117,8 @@ class DispatcherPool:
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("could not release %d leases (they will expire): %s", len(deliveries), exc)
 
-    def hint(self, queues: Iterable[str], *, reset_floor: bool = False) -> None:
-        for queue in queues:
-            self._active.add(queue)
-            if reset_floor:
-                self._floors.pop(queue, None)
+    def hint(self, queues: Iterable[str]) -> None:
+        self._active.update(queues)
 
     # -- leasing --------------------------------------------------------------------------
 
@@ -172,7 +133,6 @@ class DispatcherPool:
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + POLL_SECONDS
-                self._floors.clear()
                 try:
                     self._active.update(await self.store.unpaused_queue_names())
                 except (OSError, asyncpg.PostgresError) as exc:
@@ -203,32 +163,14 @@ class DispatcherPool:
         if settings is None or settings.paused:
             self._active.discard(queue)
             return False
-        rows = await self.store.lease(
-            queue, limit, self.identity, self.lease_seconds, self._floors.get(queue, 0)
-        )
-        if len(rows) < limit:
-            # The queue is drained for now (or limited): wait for a hint or the next poll.
+        deliveries = await self.leaser.lease(settings, limit, self.identity, self.lease_seconds)
+        if len(deliveries) < limit:
+            # Drained for now (or limited): wait for a hint or the next poll.
             self._active.discard(queue)
-            self._floors.pop(queue, None)
-        elif rows:
-            self._floors[queue] = min(r["lease_order"] for r in rows)
-        if not rows:
-            return False
-        metrics.LEASED.labels(queue, "dispatcher").inc(len(rows))
-        refused: list[tuple[int, int, Outcome]] = []
-        for record in rows:
-            item = delivery_from_record(record, settings, self.directory)
-            if isinstance(item, Outcome):
-                refused.append((record["id"], record["attempt"], item))
-                continue
+        for delivery in deliveries:
             self._outstanding += 1
-            self._ready.put_nowait(item)
-        for msg_id, attempt, outcome in refused:
-            self.recorder.submit(
-                self.identity,
-                OutcomeReport(msg_id, attempt, outcome.verdict.value, None, outcome.error, None),
-            )
-        return True
+            self._ready.put_nowait(delivery)
+        return bool(deliveries)
 
     # -- delivering -----------------------------------------------------------------------
 

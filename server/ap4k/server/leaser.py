@@ -1,0 +1,101 @@
+"""Leasing messages for the server's dispatchers and for carriers, the same way.
+
+One Leaser per process. It remembers, per queue, a head pointer: the lowest lease_order of
+the last full batch it leased. The next lease starts there instead of at the queue's
+beginning, which every delivery litters with a dead index entry until vacuum passes
+(PERFORMANCE-NOTES, trap 2). The pointer is only a hint: it is dropped whenever a lease
+comes back short, when higher-priority work arrives, and every second, so that messages
+released or rolled back behind it are found again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import orjson
+
+from ap4k.core.delivery import Delivery
+from ap4k.core.targets import TargetError
+from ap4k.server import metrics
+from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
+from ap4k.server.queues import QueueDirectory
+from ap4k.server.store import QueueSettings, Store
+
+MAX_LEASE_BATCH = 100
+FLOOR_SECONDS = 1.0
+
+
+class Leaser:
+    def __init__(self, store: Store, directory: QueueDirectory, recorder: OutcomeRecorder) -> None:
+        self.store = store
+        self.directory = directory
+        self.recorder = recorder
+        self._floors: dict[str, int] = {}
+        self._floors_reset_at = time.monotonic()
+
+    def forget(self, queue: str | None = None) -> None:
+        """Drop the head pointer of `queue` (or of every queue)."""
+        if queue is None:
+            self._floors.clear()
+        else:
+            self._floors.pop(queue, None)
+
+    async def lease(
+        self, settings: QueueSettings, limit: int, leased_by: str, lease_seconds: float
+    ) -> list[Delivery]:
+        """Lease up to `limit` messages (in batches of at most 100) of one queue."""
+        if time.monotonic() - self._floors_reset_at > FLOOR_SECONDS:
+            self._floors.clear()
+            self._floors_reset_at = time.monotonic()
+        queue = settings.name
+        out: list[Delivery] = []
+        while len(out) < limit:
+            want = min(limit - len(out), MAX_LEASE_BATCH)
+            rows: list[asyncpg.Record] = await self.store.lease(
+                queue, want, leased_by, lease_seconds, self._floors.get(queue, 0)
+            )
+            if len(rows) == want:
+                self._floors[queue] = min(r["lease_order"] for r in rows)
+            else:
+                self._floors.pop(queue, None)
+            if rows:
+                kind = "carrier" if leased_by.startswith("carrier:") else "dispatcher"
+                metrics.LEASED.labels(queue, kind).inc(len(rows))
+            for record in rows:
+                delivery = self._delivery(record, settings, leased_by)
+                if delivery is not None:
+                    out.append(delivery)
+            if len(rows) < want:
+                break
+        return out
+
+    def _delivery(
+        self, record: asyncpg.Record, settings: QueueSettings, leased_by: str
+    ) -> Delivery | None:
+        try:
+            _, explicit = self.directory.target(settings, record["target"])
+        except TargetError as exc:
+            # The queue's allow-list changed since this message was accepted.
+            self.recorder.submit(
+                leased_by,
+                OutcomeReport(record["id"], record["attempt"], "fail", None,
+                              f"refused: {exc}", None, settings.name),
+            )
+            return None
+        headers = record["headers"]
+        return Delivery(
+            id=record["id"],
+            queue=settings.name,
+            attempt=record["attempt"],
+            max_attempts=record["max_attempts"],
+            target=record["target"],
+            method=record["method"],
+            headers=None if headers is None else orjson.loads(headers),
+            body=record["body"],
+            timeout_seconds=float(record["timeout_seconds"]),
+            created_at=record["created_at"].timestamp(),
+            ordering_key=record["ordering_key"],
+            signing_secret=settings.signing_secret,
+            explicitly_allowed=explicit,
+        )
