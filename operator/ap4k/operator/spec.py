@@ -248,7 +248,7 @@ def _parse_queue(raw: Any, index: int) -> QueueSpec:
         elif key == "maxConcurrency":
             value = _int(raw, key, path, 1, 1, 100_000)
         elif key in ("minBackoffSeconds", "maxBackoffSeconds"):
-            value = _number(raw, key, path, 0, 604_800)
+            value = _number(raw, key, path, 0, 86_400)
         elif key == "rateLimitPerSecond":
             value = _number(raw, key, path, 0, 1_000_000)
             if value <= 0:
@@ -261,8 +261,10 @@ def _parse_queue(raw: Any, index: int) -> QueueSpec:
         elif key == "allowedTargets":
             if not isinstance(value, Sequence) or isinstance(value, str):
                 raise SpecError(f"{path}.{key}", "must be a list of URL prefixes")
-            if not all(isinstance(item, str) and item for item in value):
-                raise SpecError(f"{path}.{key}", "must be a list of non-empty strings")
+            if len(value) > 100 or not all(
+                isinstance(item, str) and _HTTP_URL.match(item) for item in value
+            ):
+                raise SpecError(f"{path}.{key}", "must be a list of at most 100 http(s) URLs")
             value = list(value)
         settings[QUEUE_SETTINGS[key]] = value
     low, high = settings.get("min_backoff_seconds"), settings.get("max_backoff_seconds")
