@@ -1,0 +1,259 @@
+"""The chart rendered by Helm's engine for the value combinations users install with, linted,
+and every object validated against the Kubernetes 1.30 schemas (strict: unknown fields fail)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+
+from tests.chart.conftest import (
+    CHART,
+    KUBE_VERSION,
+    MONITORING_APIS,
+    NAMESPACE,
+    RELEASE,
+    Rendered,
+    Renderer,
+    helm_lint,
+)
+
+# name -> (values, API versions the cluster offers)
+COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "defaults": ({}, ()),
+    "monitoring": (
+        {
+            "metrics": {
+                "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                "podMonitor": {"enabled": True, "scrapeTimeout": "10s"},
+                "prometheusRule": {"enabled": True, "alertLabels": {"team": "payments"}},
+                "scrapeAnnotations": False,
+            },
+            "grafana": {"dashboards": {"enabled": True, "namespace": "monitoring"}},
+        },
+        MONITORING_APIS,
+    ),
+    "dev-postgresql": (
+        {"postgresql": {"enabled": True}, "exampleQueue": {"enabled": True}},
+        (),
+    ),
+    "dev-postgresql-ephemeral": (
+        {
+            "postgresql": {"enabled": True, "persistence": {"enabled": False}},
+            "exampleQueue": {"enabled": True, "name": "orders"},
+        },
+        (),
+    ),
+    "namespaced": (
+        {
+            "operator": {"watchNamespaces": ["team-a", "team-b"]},
+            "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
+        },
+        MONITORING_APIS,
+    ),
+    "everything": (
+        {
+            "image": {"repository": "registry.example/ap4k", "tag": "1.2.3"},
+            "imagePullSecrets": [{"name": "regcred"}],
+            "commonLabels": {"team": "platform"},
+            "operator": {
+                "watchNamespaces": ["team-a"],
+                "extraEnv": [{"name": "AP4K_API_TOKEN", "value": "x"}],
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                "priorityClassName": "system-cluster-critical",
+            },
+            "crds": {"install": True, "keep": False},
+            "postgresql": {"enabled": True, "persistence": {"storageClass": "fast"}},
+            "exampleQueue": {"enabled": True},
+            "metrics": {
+                "serviceMonitor": {"enabled": True},
+                "podMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True},
+            },
+            "grafana": {"dashboards": {"enabled": True, "annotations": {"grafana_folder": "ap4k"}}},
+        },
+        MONITORING_APIS,
+    ),
+    "no-crd-no-rbac": (
+        {"crds": {"install": False}, "operator": {"rbac": {"create": False}}},
+        (),
+    ),
+}
+
+# Kinds kubernetes-validate has no schema for; checked structurally below and in other tests.
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "ap4k.dev/")
+CLUSTER_SCOPED = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+
+
+@pytest.fixture(params=sorted(COMBINATIONS))
+def combination(request: pytest.FixtureRequest, render: Renderer) -> tuple[str, Rendered]:
+    values, apis = COMBINATIONS[request.param]
+    return request.param, render(values, api_versions=apis)
+
+
+def test_lint_is_clean_for_every_combination() -> None:
+    for name, (values, _) in COMBINATIONS.items():
+        report = helm_lint(values)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert report["errors"] == [] and problems == [], (name, report)
+
+
+def test_every_object_matches_the_kubernetes_schemas(combination: tuple[str, Rendered]) -> None:
+    name, rendered = combination
+    assert rendered.objects, name
+    validated = 0
+    for obj in rendered.objects:
+        if obj["apiVersion"].startswith(CUSTOM_API_GROUPS):
+            continue
+        # Strict: an unknown or misspelled field is an error, not silently dropped.
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        validated += 1
+    assert validated >= 3, name  # at least the operator Deployment, Service, ServiceAccount
+
+
+def test_every_object_is_labelled_and_placed(combination: tuple[str, Rendered]) -> None:
+    _, rendered = combination
+    names = set()
+    for obj in rendered.objects:
+        metadata = obj["metadata"]
+        labels = metadata["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/part-of"] == "ap4k"
+        assert len(metadata["name"]) <= 63
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in metadata
+        else:
+            assert metadata["namespace"]
+        key = (obj["kind"], metadata.get("namespace"), metadata["name"])
+        assert key not in names, f"duplicate object {key}"
+        names.add(key)
+
+
+def test_pods_follow_the_security_conventions(combination: tuple[str, Rendered]) -> None:
+    _, rendered = combination
+    for workload in rendered.workloads():
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        mounts = {v["name"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+            # With a read-only root filesystem, /tmp must be a volume.
+            tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert tmp and tmp[0]["name"] in mounts
+            assert container["livenessProbe"] and container["readinessProbe"]
+
+
+def test_defaults_install_crd_operator_and_cluster_wide_rbac(render: Renderer) -> None:
+    rendered = render()
+    assert rendered.kinds() == sorted(
+        [
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    operator = rendered.one("Deployment")
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/ap4k/ap4k:0.1.0"  # appVersion
+    assert container["args"] == ["operator", "--all-namespaces"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+    assert (
+        operator["spec"]["template"]["spec"]["serviceAccountName"]
+        == (rendered.one("ServiceAccount")["metadata"]["name"])
+    )
+    # The metrics Service reaches the operator pod.
+    service = rendered.one("Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    selector = service["spec"]["selector"]
+    assert selector.items() <= operator["spec"]["template"]["metadata"]["labels"].items()
+    # Nothing opt-in is on.
+    assert not rendered.find("StatefulSet") and not rendered.find("ConfigMap")
+
+
+def test_image_values_reach_operator_and_its_children(render: Renderer) -> None:
+    rendered = render(
+        {
+            "image": {
+                "repository": "registry.example/ap4k",
+                "tag": "9.9.9",
+                "pullPolicy": "Always",
+            },
+            "imagePullSecrets": [{"name": "a"}, {"name": "b"}],
+        }
+    )
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "registry.example/ap4k:9.9.9"
+    assert container["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "a"}, {"name": "b"}]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # The operator's default image for AsyncQueue children is its own.
+    assert env["AP4K_OPERATOR_IMAGE"] == "registry.example/ap4k:9.9.9"
+    assert env["AP4K_OPERATOR_IMAGE_PULL_SECRETS"] == "a,b"
+
+
+def test_operator_resources_and_extra_settings(render: Renderer) -> None:
+    resources = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    rendered = render(
+        {
+            "operator": {
+                "resources": resources,
+                "extraArgs": ["--verbose"],
+                "extraEnv": [{"name": "AP4K_API_TOKEN", "value": "t"}],
+                "serviceAccount": {"name": "custom", "annotations": {"a": "b"}},
+            }
+        }
+    )
+    container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == resources
+    assert container["args"][-1] == "--verbose"
+    assert {"name": "AP4K_API_TOKEN", "value": "t"} in container["env"]
+    assert rendered.one("ServiceAccount", "custom")["metadata"]["annotations"] == {"a": "b"}
+    assert rendered.one("ClusterRoleBinding")["subjects"][0]["name"] == "custom"
+
+
+def test_values_schema_rejects_mistakes() -> None:
+    bad_values: list[dict[str, Any]] = [
+        {"operator": {"watchNamespaces": ["Not_A_Namespace"]}},
+        {"operator": {"watchNamspaces": ["typo"]}},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"metrics": {"serviceMonitor": {"enabled": "yes"}}},
+        {"metrics": {"prometheusRule": {"backlogAgeFor": "five minutes"}}},
+        {"postgresql": {"auth": {"username": "Robert'); DROP TABLE"}}},
+        {"exampleQueue": {"name": "Upper"}},
+    ]
+    with helm_python.Chart.load(CHART) as chart:
+        for values in bad_values:
+            with pytest.raises(helm_python.HelmValuesError):
+                chart.validate_schema(values)
+
+
+def test_the_defaults_satisfy_the_schema() -> None:
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.values)
+        assert chart.metadata["name"] == "ap4k"
+
+
+def test_notes_tell_how_to_post_through_the_service_dns(render: Renderer) -> None:
+    rendered = render({"postgresql": {"enabled": True}, "exampleQueue": {"enabled": True}})
+    url = f"http://example.{NAMESPACE}.svc:7438/v1/queues/default/messages"
+    assert url in rendered.notes
+    assert "kubectl" in rendered.notes and "port-forward" in rendered.notes
+    # Without the example, the notes show an AsyncQueue to apply and the same URL pattern.
+    bare = render()
+    assert "kind: AsyncQueue" in bare.notes
+    assert f"http://example.{NAMESPACE}.svc:7438/v1/queues/default/messages" in bare.notes
