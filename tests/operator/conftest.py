@@ -133,7 +133,41 @@ class Cluster:
             if resource == EVENTS and not obj.deleted and obj.get("reason") == reason
         ]
 
+    def operator_requests(self) -> list[tuple[str, str, str, str | None]]:
+        """(verb, API group, resource[/subresource], namespace) of every API call the operator
+        made (kopf's and its own), as RBAC sees them; the test's own calls left out."""
+        seen = []
+        for request in self.kmock._requests:
+            agent = request.headers.get("User-Agent", "")
+            if request.resource is None or not request.resource.plural or agent.startswith("kmock"):
+                continue  # discovery (allowed to every user) or the test itself
+            method = str(request.method.value if hasattr(request.method, "value")
+                         else request.method).upper()
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(
+                method, "watch" if request.params.get("watch") in ("true", "1") else
+                "get" if request.name else "list")
+            resource = request.resource.plural
+            if request.subresource:
+                resource = f"{resource}/{request.subresource}"
+            seen.append((verb, request.resource.group, resource, request.namespace))
+        return seen
+
     eventually = staticmethod(eventually)
+
+
+class Rules(list[dict[str, Any]]):
+    """The operator's RBAC rules, as PolicyRule dicts."""
+
+    def allows(self, verb: str, group: str, resource: str) -> bool:
+        return any(
+            group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+            for rule in self
+        )
+
+
+@pytest.fixture(scope="session")
+def rbac_rules() -> Rules:
+    return Rules(yaml.safe_load(RBAC_PATH.read_text()))
 
 
 @pytest.fixture

@@ -155,7 +155,19 @@ async def test_a_spec_change_patches_the_children(cluster: Any, run_operator: An
         )
 
 
-async def test_deleted_or_edited_children_come_back(cluster: Any, run_operator: Any) -> None:
+def assert_covered_by_rbac(cluster: Any, rules: Any) -> None:
+    calls = cluster.operator_requests()
+    assert calls, "kmock recorded no calls by the operator"
+    missing = {(verb, group, resource) for verb, group, resource, _ in calls
+               if not rules.allows(verb, group, resource)}
+    assert not missing, f"calls the RBAC rules do not allow: {sorted(missing)}"
+    # With --namespace, everything happens inside the watched namespace (a Role suffices).
+    assert {namespace for *_, namespace in calls} == {NS}
+
+
+async def test_deleted_or_edited_children_come_back(
+    cluster: Any, run_operator: Any, rbac_rules: Any
+) -> None:
     async with run_operator(settings(cluster)):
         await cluster.create(asyncqueue(carriers={"minReplicas": 2}))
         await cluster.eventually(lambda: cluster.get(SERVICES, "orders"))
@@ -185,9 +197,12 @@ async def test_deleted_or_edited_children_come_back(cluster: Any, run_operator: 
             lambda: container(cluster.get(DEPLOYMENTS, "orders-server"))["args"][-1] == "10",
             what="the server's args restored",
         )
+    assert_covered_by_rbac(cluster, rbac_rules)
 
 
-async def test_a_bad_spec_gets_its_condition_and_event(cluster: Any, run_operator: Any) -> None:
+async def test_a_bad_spec_gets_its_condition_and_event(
+    cluster: Any, run_operator: Any, rbac_rules: Any
+) -> None:
     async with run_operator(settings(cluster)) as runner:
         # The CRD's CEL rule would refuse this at admission; kmock (like a cluster with an
         # older CRD) lets it through, and the operator must not crash-loop on it.
@@ -219,6 +234,8 @@ async def test_a_bad_spec_gets_its_condition_and_event(cluster: Any, run_operato
     # Recorded, not raised: the handler succeeded rather than failing and retrying.
     assert "reconcile_asyncqueue' failed" not in runner.output
     assert "reconcile_asyncqueue' succeeded" in runner.output
+    assert ("create", "", "events", NS) in cluster.operator_requests()
+    assert_covered_by_rbac(cluster, rbac_rules)
 
 
 async def test_operator_serves_metrics_and_healthz(cluster: Any, run_operator: Any) -> None:
