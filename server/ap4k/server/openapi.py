@@ -12,8 +12,12 @@ from ap4k.server.validation import (
     MAX_KEY_LENGTH,
     MAX_TIMEOUT_SECONDS,
     METHODS,
+    MIN_TIMEOUT_SECONDS,
     PRIORITY_LIMIT,
 )
+
+# The largest attempt number the carrier protocol accepts (api.py refuses more).
+MAX_LEASE_ATTEMPT = 1_000_000
 
 STATES = ["scheduled", "available", "running", "retryable", "completed", "discarded", "cancelled"]
 
@@ -96,10 +100,33 @@ def _schemas() -> dict[str, Any]:
             },
             "timeout_seconds": {
                 "type": ["number", "null"],
-                "exclusiveMinimum": 0,
+                "minimum": MIN_TIMEOUT_SECONDS,
                 "maximum": MAX_TIMEOUT_SECONDS,
             },
         },
+        # One way to delay a message, not two.
+        "not": {
+            "required": ["delay_seconds", "not_before"],
+            "properties": {
+                "delay_seconds": {"type": "number"},
+                "not_before": {"type": "string"},
+            },
+        },
+        "examples": [
+            {"target": "https://example.com/hooks/order", "body": {"order": 42}},
+            {
+                "target": "https://example.com/hooks/invoice",
+                "method": "PUT",
+                "headers": {"X-Tenant": "acme"},
+                "body": {"invoice": 7},
+                "delay_seconds": 60,
+                "priority": 5,
+                "dedup_key": "invoice-7",
+                "ordering_key": "acme",
+                "max_attempts": 10,
+                "timeout_seconds": 5,
+            },
+        ],
     }
     accepted = {
         "type": "object",
@@ -205,7 +232,7 @@ def _schemas() -> dict[str, Any]:
         "required": ["id", "attempt"],
         "properties": {
             "id": {"type": "string", "pattern": "^[0-9]{1,18}$"},
-            "attempt": {"type": "integer", "minimum": 1},
+            "attempt": {"type": "integer", "minimum": 1, "maximum": MAX_LEASE_ATTEMPT},
         },
     }
     carrier = {"type": "string", "minLength": 1, "maxLength": 200}
@@ -267,7 +294,11 @@ def _schemas() -> dict[str, Any]:
                         "required": ["id", "attempt", "outcome"],
                         "properties": {
                             "id": {"type": "string", "pattern": "^[0-9]{1,18}$"},
-                            "attempt": {"type": "integer", "minimum": 1},
+                            "attempt": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_LEASE_ATTEMPT,
+                            },
                             "outcome": {"type": "string", "enum": ["delivered", "retry", "fail"]},
                             "error": NULLABLE_STRING,
                             "retry_after": {
@@ -291,6 +322,14 @@ def _schemas() -> dict[str, Any]:
                 "lease_seconds": {"type": "number", "minimum": 1, "maximum": 3600},
             },
         },
+        "LeaseRelease": {
+            "type": "object",
+            "required": ["carrier", "leases"],
+            "properties": {
+                "carrier": carrier,
+                "leases": {"type": "array", "items": _ref("LeaseRef")},
+            },
+        },
     }
 
 
@@ -309,8 +348,14 @@ def openapi_document() -> dict[str, Any]:
                     "additionalProperties": False,
                     "properties": {
                         "ids": {
-                            "type": "array",
-                            "items": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                            "type": ["array", "null"],
+                            "maxItems": 10_000,
+                            "items": {
+                                "oneOf": [
+                                    {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                                    {"type": "integer", "minimum": 0},
+                                ]
+                            },
                         }
                     },
                 }
@@ -492,7 +537,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/leases/release": {
             "post": {
                 "operationId": "releaseLeases",
-                "requestBody": body("LeaseList"),
+                "requestBody": body("LeaseRelease"),
                 "responses": _responses(
                     ("200", {"type": "object", "required": ["released"]}, "Released"),
                     "400",

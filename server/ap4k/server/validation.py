@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -40,12 +41,20 @@ MESSAGE_FIELDS = frozenset(
 )
 MAX_BATCH = 1000
 MAX_DELAY_SECONDS = 365 * 86400.0
+# A delivery timeout under a millisecond means nothing, and the column is a float4 that
+# rounds tiny values to 0, which the HTTP client would read as "no timeout at all".
+MIN_TIMEOUT_SECONDS = 0.001
 MAX_TIMEOUT_SECONDS = 1800.0
 DEFAULT_TIMEOUT_SECONDS = 30.0
 MAX_ATTEMPTS_LIMIT = 1000
 PRIORITY_LIMIT = 1000
 MAX_KEY_LENGTH = 256
 MAX_TARGET_LENGTH = 4096
+# C0 controls and DEL: never part of a URL, and NUL cannot even be stored in a text column
+# (PostgreSQL would refuse the row, which must be a 400 here, not a 5xx there).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# What a header value may not hold (RFC 9110 field-value: no controls but horizontal tab).
+HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -107,6 +116,20 @@ def _number(value: Any, field: str, low: float, high: float, *, open_low: bool =
 def _key(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
         raise invalid(field, f"{field} must be a non-empty string of at most {MAX_KEY_LENGTH}")
+    if "\x00" in value:
+        raise invalid(field, f"{field} must not contain NUL characters")
+    return value
+
+
+def _url_text(value: str, field: str, what: str) -> str:
+    """Refuse what no URL may hold, and what urllib cannot parse (e.g. an unclosed '[::1')."""
+    if CONTROL_CHARACTERS.search(value):
+        raise invalid(field, f"{what} must not contain control characters")
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # an out-of-range or non-numeric port raises too
+    except ValueError as exc:
+        raise invalid(field, f"{what} is not a valid URL: {exc}") from None
     return value
 
 
@@ -123,8 +146,10 @@ def _headers(value: Any, field: str) -> str | None:
         lowered = name.lower()
         if lowered in RESERVED_HEADERS or lowered.startswith("ap4k-"):
             raise invalid(field, f"header {name!r} is set by ap4k and cannot be overridden")
-        if not isinstance(header_value, str) or "\r" in header_value or "\n" in header_value:
-            raise invalid(field, f"header {name!r} must be a string without line breaks")
+        if not isinstance(header_value, str) or HEADER_VALUE_FORBIDDEN.search(header_value):
+            raise invalid(
+                field, f"header {name!r} must be a string without line breaks or control characters"
+            )
     return orjson.dumps(value).decode() if value else None
 
 
@@ -141,7 +166,11 @@ def _timestamp(value: Any, field: str) -> datetime:
         raise invalid(field, f"{field} must carry a time zone (e.g. a trailing Z)")
     if when.year > 9000:
         raise invalid(field, f"{field} is too far in the future")
-    return when
+    try:
+        # In UTC, as stored; a time zone can push year 1 or 9999 off the calendar.
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise invalid(field, f"{field} is out of range") from None
 
 
 def parse_message(data: Any, prefix: str = "") -> NewMessage:
@@ -158,6 +187,7 @@ def parse_message(data: Any, prefix: str = "") -> NewMessage:
         raise invalid(prefix + "target", "target is required: an http(s) URL or a path")
     if len(target) > MAX_TARGET_LENGTH:
         raise invalid(prefix + "target", f"target is longer than {MAX_TARGET_LENGTH} characters")
+    _url_text(target, prefix + "target", "target")
 
     method = data.get("method", "POST")
     if not isinstance(method, str) or method.upper() not in METHODS:
@@ -195,7 +225,9 @@ def parse_message(data: Any, prefix: str = "") -> NewMessage:
         timeout_seconds=(
             DEFAULT_TIMEOUT_SECONDS
             if timeout is None
-            else _number(timeout, prefix + "timeout_seconds", 0, MAX_TIMEOUT_SECONDS, open_low=True)
+            else _number(
+                timeout, prefix + "timeout_seconds", MIN_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS
+            )
         ),
         delay_seconds=(
             None
@@ -244,6 +276,9 @@ def _url_prefix(value: Any, field: str) -> str:
         or len(value.split("://", 1)[1]) == 0
     ):
         raise invalid(field, f"{field} must be an http(s) URL")
+    _url_text(value, field, field)
+    if not urlsplit(value).hostname:
+        raise invalid(field, f"{field} must name a host")
     return value
 
 
@@ -278,8 +313,12 @@ def parse_settings(data: Any) -> dict[str, Any]:
                 raise invalid(name, "allowed_targets must be an array of at most 100 URL prefixes")
             out[name] = [_url_prefix(v, name) for v in value]
         elif name == "signing_secret":
-            if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 256):
-                raise invalid(name, "signing_secret must be a string of 1 to 256 characters")
+            if value is not None and (
+                not isinstance(value, str) or not 1 <= len(value) <= 256 or "\x00" in value
+            ):
+                raise invalid(
+                    name, "signing_secret must be a string of 1 to 256 characters, without NUL"
+                )
             out[name] = value
     low = out.get("min_backoff_seconds")
     high = out.get("max_backoff_seconds")
