@@ -242,6 +242,23 @@ async def test_a_refused_message_is_set_aside_and_the_rest_go_through(
     assert "target" in row["last_error"]
 
 
+async def test_big_messages_are_split_and_an_oversized_one_is_set_aside(
+    server: ServerProcess, app_db: str, app_conn: Any, target: Target
+) -> None:
+    """The server takes 1 MiB per request: five 300 kB messages need several POSTs, and a
+    2 MB one can never go (413) — it is set aside, and the others are not held up."""
+    async with app_conn.transaction():
+        for i in range(6):
+            size = 2_000_000 if i == 3 else 300_000
+            await outbox.enqueue(app_conn, "big", target.url, {"n": i, "pad": "x" * size})
+    async with Forwarder(app_db, server.url) as forwarder:
+        await assert_each_once(target, {0, 1, 2, 4, 5})
+        stats = await forwarder.stats()
+    assert (stats.backlog, stats.rejected) == (0, 1)
+    error = await app_conn.fetchval("SELECT last_error FROM ap4k_outbox")
+    assert error.startswith("413")
+
+
 async def test_cli_forwarder_exports_its_backlog(
     app_db: str, app_conn: Any, tmp_path: Path
 ) -> None:

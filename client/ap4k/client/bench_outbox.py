@@ -51,7 +51,7 @@ async def run_outbox_bench(
     queue: str = "bench-outbox",
     target: str | None = None,
     token: str | None = None,
-    wait_delivered: bool = True,
+    wait_delivered: bool = False,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Enqueue `messages` outbox rows, relay them, and return the figures (rates in rows/s).

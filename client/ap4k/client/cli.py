@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
              cast=float, help="seconds between polls when no NOTIFY comes")
     add_flag(forward, "--max-backoff", env_name="FORWARD_MAX_BACKOFF", default=30.0, cast=float,
              help="longest wait between retries while the server is down")
+    add_flag(forward, "--max-request-bytes", env_name="FORWARD_MAX_REQUEST_BYTES",
+             default=512 * 1024, cast=int,
+             help="split batches into POSTs of at most this size (under the server's limit)")
     add_flag(forward, "--metrics-port", env_name="METRICS_PORT", default=7440, cast=int,
              help="port of /metrics and /healthz (0: none)")
     add_flag(forward, "--metrics-host", env_name="METRICS_HOST", default="0.0.0.0",
@@ -180,6 +183,7 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
         poll_interval=args.poll_interval,
         max_backoff=args.max_backoff,
         migrate=args.migrate,
+        max_request_bytes=args.max_request_bytes,
     )
     runner: web.AppRunner | None = None
     if args.metrics_port:

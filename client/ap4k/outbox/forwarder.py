@@ -79,6 +79,8 @@ class _Row:
 class _Outcome:
     acked: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    # Why the rest was not sent (server down, setup error); what was acked still counts.
+    error: Exception | None = None
 
 
 class Forwarder:
@@ -102,6 +104,7 @@ class Forwarder:
         stats_interval: float = 5.0,
         migrate: bool = True,
         request_timeout: float = 30.0,
+        max_request_bytes: int = 512 * 1024,
     ) -> None:
         if not 1 <= batch_size <= 1000:
             raise ValueError("batch_size must be between 1 and 1000 (the server's batch limit)")
@@ -114,6 +117,9 @@ class Forwarder:
         self.max_backoff = max_backoff
         self.stats_interval = stats_interval
         self.migrate = migrate
+        # Under the server's body limit (1 MiB by default): a batch of big messages is sent
+        # in several POSTs rather than refused with a 413.
+        self.max_request_bytes = max_request_bytes
         if isinstance(server, AsyncClient):
             self._client = server
             self._owns_client = False
@@ -232,7 +238,6 @@ class Forwarder:
         or a database error after committing whatever the server did acknowledge."""
         started = time.perf_counter()
         result = BatchResult()
-        error: BaseException | None = None
         async with self._pool.acquire() as conn, conn.transaction():
             records = await conn.fetch(sql.CLAIM, self.batch_size)
             result.claimed = len(records)
@@ -288,28 +293,52 @@ class Forwarder:
             if r.ordering_key is None or r.id < gaps.get((r.queue, r.ordering_key), r.id + 1)
         ]
 
-    async def _send(self, rows: list[_Row]) -> tuple[_Outcome, BaseException | None]:
-        """POST the rows, one request per queue (concurrently), in outbox order within each."""
+    async def _send(self, rows: list[_Row]) -> tuple[_Outcome, Exception | None]:
+        """POST the rows, per queue (queues concurrently), in outbox order within each."""
         by_queue: dict[str, list[_Row]] = {}
         for row in rows:
             by_queue.setdefault(row.queue, []).append(row)
         results = await asyncio.gather(
-            *(self._send_queue(queue, group) for queue, group in by_queue.items()),
-            return_exceptions=True,
+            *(self._send_queue(queue, group) for queue, group in by_queue.items())
         )
         outcome = _Outcome()
-        error: BaseException | None = None
         for result in results:
-            if isinstance(result, BaseException):
-                if not isinstance(result, Exception):
-                    raise result  # cancellation and the like
-                error = error or result
-                continue
             outcome.acked.extend(result.acked)
             outcome.rejected.extend(result.rejected)
-        return outcome, error
+            outcome.error = outcome.error or result.error
+        return outcome, outcome.error
 
     async def _send_queue(self, queue: str, rows: list[_Row]) -> _Outcome:
+        """POST one queue's rows in chunks that fit the server's body limit, in order; stop
+        at the first chunk that fails so that no later row overtakes it."""
+        outcome = _Outcome()
+        for chunk in self._chunks(rows):
+            try:
+                done = await self._send_chunk(queue, chunk)
+            except (ServerUnavailable, ApiError) as exc:
+                outcome.error = exc
+                break
+            outcome.acked.extend(done.acked)
+            outcome.rejected.extend(done.rejected)
+        return outcome
+
+    def _chunks(self, rows: list[_Row]) -> list[list[_Row]]:
+        chunks: list[list[_Row]] = []
+        current: list[_Row] = []
+        size = 0
+        for row in rows:
+            # The stored JSON's length is close to what goes on the wire (+ the dedup key).
+            row_size = len(row.message) + 100
+            if current and size + row_size > self.max_request_bytes:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(row)
+            size += row_size
+        if current:
+            chunks.append(current)
+        return chunks
+
+    async def _send_chunk(self, queue: str, rows: list[_Row]) -> _Outcome:
         try:
             await self._client.send_json_batch(queue, [self._payload(r) for r in rows])
         except ApiError as exc:
@@ -320,8 +349,8 @@ class Forwarder:
             # Which message is it? Split until found; the others go through (the server
             # wrote nothing of a refused batch, so nothing is sent twice).
             middle = len(rows) // 2
-            head = await self._send_queue(queue, rows[:middle])
-            tail = await self._send_queue(queue, rows[middle:])
+            head = await self._send_chunk(queue, rows[:middle])
+            tail = await self._send_chunk(queue, rows[middle:])
             return _Outcome(head.acked + tail.acked, head.rejected + tail.rejected)
         return _Outcome(acked=[r.id for r in rows])
 
