@@ -150,3 +150,12 @@ def test_example_queue_without_a_database_fails_clearly() -> None:
         render_chart({"exampleQueue": {"enabled": True}})
     assert "postgresql.enabled=true" in str(failure.value)
     assert "exampleQueue.databaseSecretName" in str(failure.value)
+
+
+def test_example_queue_must_be_in_a_watched_namespace(render: Renderer) -> None:
+    values = {**DEV, "operator": {"watchNamespaces": ["team-a"]}}
+    with pytest.raises(helm_python.HelmRenderError) as failure:
+        render_chart(values)
+    assert f"release namespace {NAMESPACE}" in str(failure.value)
+    values["operator"] = {"watchNamespaces": ["team-a", NAMESPACE]}
+    assert render(values).one("AsyncQueue")["metadata"]["namespace"] == NAMESPACE

@@ -59,7 +59,7 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
             "imagePullSecrets": [{"name": "regcred"}],
             "commonLabels": {"team": "platform"},
             "operator": {
-                "watchNamespaces": ["team-a"],
+                "watchNamespaces": ["team-a", NAMESPACE],
                 "extraEnv": [{"name": "AP4K_API_TOKEN", "value": "x"}],
                 "nodeSelector": {"kubernetes.io/os": "linux"},
                 "tolerations": [{"key": "dedicated", "operator": "Exists"}],
