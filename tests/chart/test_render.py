@@ -3,17 +3,21 @@ and every object validated against the Kubernetes 1.30 schemas (strict: unknown 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import helm_python
+import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from tests.chart.conftest import (
     CHART,
     KUBE_VERSION,
     MONITORING_APIS,
     NAMESPACE,
+    OPERATOR_CRD,
     RELEASE,
     Rendered,
     Renderer,
@@ -83,8 +87,6 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     ),
 }
 
-# Kinds kubernetes-validate has no schema for; checked structurally below and in other tests.
-CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "ap4k.dev/")
 CLUSTER_SCOPED = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
 
 
@@ -101,12 +103,59 @@ def test_lint_is_clean_for_every_combination() -> None:
         assert report["errors"] == [] and problems == [], (name, report)
 
 
+def _check_prometheus_operator_object(obj: dict[str, Any]) -> None:
+    """The monitoring.coreos.com/v1 fields we use, as the Prometheus Operator's CRDs define
+    them (its schemas are not available offline)."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = obj["spec"]
+    if obj["kind"] in ("ServiceMonitor", "PodMonitor"):
+        assert set(spec) <= {
+            "selector",
+            "namespaceSelector",
+            "endpoints",
+            "podMetricsEndpoints",
+            "targetLabels",
+            "podTargetLabels",
+            "jobLabel",
+        }, spec
+        assert spec["selector"].get("matchLabels") or spec["selector"].get("matchExpressions")
+        assert set(spec["namespaceSelector"]) <= {"any", "matchNames"}
+        endpoints = spec["endpoints" if obj["kind"] == "ServiceMonitor" else "podMetricsEndpoints"]
+        assert endpoints
+        for endpoint in endpoints:
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}, endpoint
+            assert isinstance(endpoint["port"], str) and endpoint["path"] == "/metrics"
+            assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+    elif obj["kind"] == "PrometheusRule":
+        assert set(spec) == {"groups"}
+        for group in spec["groups"]:
+            assert set(group) == {"name", "rules"} and group["rules"]
+            for rule in group["rules"]:
+                assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+                assert rule["alert"] and rule["expr"].strip()
+                assert all(isinstance(v, str) for v in rule["labels"].values())
+                assert all(isinstance(v, str) for v in rule["annotations"].values())
+    else:
+        raise AssertionError(f"unexpected monitoring kind {obj['kind']}")
+
+
+def _check_asyncqueue(obj: dict[str, Any]) -> None:
+    crd = yaml.safe_load(OPERATOR_CRD.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    # OpenAPI 3.0 schema keywords are JSON Schema draft 4's (boolean exclusiveMinimum).
+    jsonschema.Draft4Validator(schema).validate(obj)
+
+
 def test_every_object_matches_the_kubernetes_schemas(combination: tuple[str, Rendered]) -> None:
     name, rendered = combination
     assert rendered.objects, name
     validated = 0
     for obj in rendered.objects:
-        if obj["apiVersion"].startswith(CUSTOM_API_GROUPS):
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            _check_prometheus_operator_object(obj)
+            continue
+        if obj["apiVersion"].startswith("ap4k.dev/"):
+            _check_asyncqueue(obj)
             continue
         # Strict: an unknown or misspelled field is an error, not silently dropped.
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
