@@ -4,6 +4,8 @@ quiet) on synthetic series under `promtool test rules`, Prometheus' own rule eva
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,6 +69,18 @@ def test_operator_metric_names_match_the_operators_registry() -> None:
     # prometheus-client names a counter's family without `_total`.
     exported |= {f"{name}_total" for name in exported}
     assert exported >= DOCUMENTED_OPERATOR_METRICS
+
+
+def test_carrier_metric_names_match_the_carriers_own() -> None:
+    if importlib.util.find_spec("ap4k.carrier.metrics") is None:
+        pytest.skip("the carrier is not built yet")
+    import prometheus_client
+
+    importlib.import_module("ap4k.carrier.metrics")  # registers in the default registry
+    exposition = generate_latest(prometheus_client.REGISTRY).decode()
+    exported = {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE ")}
+    exported |= {f"{name}_total" for name in exported}
+    assert exported >= DOCUMENTED_CARRIER_METRICS
 
 
 def test_dashboards_cover_what_operators_look_for() -> None:
