@@ -1,6 +1,8 @@
 """A real Prometheus scrapes a real `ap4k serve` while it delivers a short load to a real
 sink, some of it failing for good: then every dashboard and alert query runs in that
-Prometheus, and every panel about server metrics shows data.
+Prometheus, and every panel about server metrics shows data. Twice: once with the server's
+own dispatchers delivering, once with a real `ap4k carrier` delivering everything (then the
+carrier panels must show data too).
 
 Skipped only when Debian's prometheus package is absent (CI installs it).
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import math
 import os
 import signal
@@ -125,30 +128,62 @@ async def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path) -> N
     raise TimeoutError(f"{url} never answered 200\n{_tail(log)}")
 
 
-@pytest.fixture
-async def server(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
-    """`ap4k serve` on its own port and database (the suite's shared PostgreSQL, see
-    tests/conftest.py), delivering with its dispatchers."""
-    port = free_port()
-    log = tmp_path / "server.log"
+@dataclass
+class Stack:
+    """The ap4k processes under test and the /metrics endpoints Prometheus scrapes."""
+
+    server: str
+    # job name -> host:port
+    targets: dict[str, str]
+
+
+AP4K = [sys.executable, "-c", "import sys; from ap4k.cli import main; sys.exit(main())"]
+
+
+@pytest.fixture(params=["dispatchers", "carrier"])
+async def stack(
+    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """`ap4k serve` on its own database (the suite's shared PostgreSQL, tests/conftest.py),
+    delivering with its own dispatchers; or with none, and one `ap4k carrier` delivering."""
+    delivery = request.param
+    if delivery == "carrier" and importlib.util.find_spec("ap4k.carrier.cli") is None:
+        pytest.skip("the carrier is not built yet")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AP4K_")}
-    process = _spawn(
-        [sys.executable, "-c", "import sys; from ap4k.cli import main; sys.exit(main())",
-         "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--database-url", database_url, "--dispatchers", "4"],
-        log, env,
-    )  # fmt: skip
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
+    processes = []
     try:
-        await _wait_http(url + "/readyz", process, log)
-        yield url
+        log = tmp_path / "server.log"
+        dispatchers = "4" if delivery == "dispatchers" else "0"
+        server = _spawn(
+            [*AP4K, "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--database-url", database_url, "--dispatchers", dispatchers],
+            log, env,
+        )  # fmt: skip
+        processes.append(server)
+        await _wait_http(url + "/readyz", server, log)
+        targets = {"ap4k-server": f"127.0.0.1:{port}"}
+        if delivery == "carrier":
+            metrics_port = free_port()
+            log = tmp_path / "carrier.log"
+            carrier = _spawn(
+                [*AP4K, "carrier", "--server", url, "--concurrency", "8",
+                 "--metrics-port", str(metrics_port)],
+                log, env,
+            )  # fmt: skip
+            processes.append(carrier)
+            await _wait_http(f"http://127.0.0.1:{metrics_port}/healthz", carrier, log)
+            targets["ap4k-carrier"] = f"127.0.0.1:{metrics_port}"
+        yield Stack(url, targets)
     finally:
-        _stop(process)
+        for process in reversed(processes):
+            _stop(process)
 
 
 @pytest.fixture
-async def prometheus(server: str, tmp_path: Path) -> AsyncIterator[str]:
-    """Prometheus scraping the server every second, with the chart's alert rules loaded."""
+async def prometheus(stack: Stack, tmp_path: Path) -> AsyncIterator[str]:
+    """Prometheus scraping the stack every second, with the chart's alert rules loaded."""
     rules = tmp_path / "ap4k.rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": alert_rules()}))
     config = tmp_path / "prometheus.yml"
@@ -158,10 +193,8 @@ async def prometheus(server: str, tmp_path: Path) -> AsyncIterator[str]:
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(rules)],
                 "scrape_configs": [
-                    {
-                        "job_name": "ap4k-server",
-                        "static_configs": [{"targets": [server.removeprefix("http://")]}],
-                    }
+                    {"job_name": job, "static_configs": [{"targets": [target]}]}
+                    for job, target in stack.targets.items()
                 ],
             }
         )
@@ -181,7 +214,7 @@ async def prometheus(server: str, tmp_path: Path) -> AsyncIterator[str]:
         # after a few seconds. A load sent before the first scrape would have no "before".
         async with aiohttp.ClientSession() as session:
             deadline = time.monotonic() + 60
-            while not await _query(session, url, 'up{job="ap4k-server"} == 1'):
+            while len(await _query(session, url, "up == 1")) < len(stack.targets):
                 assert time.monotonic() < deadline, _tail(log)
                 await asyncio.sleep(0.2)
         yield url
@@ -298,8 +331,9 @@ def _exported_names(exposition: str) -> set[str]:
 
 
 async def test_prometheus_runs_every_dashboard_and_alert_query(
-    server: str, prometheus: str, sink: Sink
+    stack: Stack, prometheus: str, sink: Sink
 ) -> None:
+    server = stack.server
     async with aiohttp.ClientSession() as session:
         await _post_load(session, server, sink)
         await _wait_settled(session, server)
@@ -314,15 +348,19 @@ async def test_prometheus_runs_every_dashboard_and_alert_query(
         # The load really happened as planned.
         assert sink.received == DELIVERED
 
-        server_panels = 0
+        # With a carrier delivering, its panels must show data too.
+        scraped = exported | (
+            DOCUMENTED_CARRIER_METRICS if "ap4k-carrier" in stack.targets else set()
+        )
+        with_data = 0
         for dashboard, panel, expr in dashboard_queries():
             names = metric_names(expr)
             assert names <= known, f"{dashboard} / {panel}: not exported: {names - known}"
             result = await _query(session, prometheus, expr)  # parses and runs
-            if names <= exported:
+            if names <= scraped:
                 assert result and _finite(result), f"{dashboard} / {panel}: no data for {expr}"
-                server_panels += 1
-        assert server_panels >= 10
+                with_data += 1
+        assert with_data >= 10 + (3 if "ap4k-carrier" in stack.targets else 0)
 
         # Alert expressions run, and Prometheus evaluated the loaded rules without error.
         for group in alert_rules():
