@@ -24,6 +24,9 @@ from ap4k.core.embedded_pg import free_port
 
 _database_numbers = itertools.count(1)
 
+# The root conftest's `start_server` fixture: start(**ServerSettings overrides) -> (server, api)
+StartServer = Callable[..., Awaitable[tuple[Any, "Api"]]]
+
 
 async def create_database(admin_url: str, prefix: str = "t") -> str:
     """A fresh, empty database on the test cluster; returns its URL."""
@@ -280,3 +283,52 @@ async def count_rows(database_url: str, sql: str, *args: Any) -> int:
         return value
     finally:
         await conn.close()
+
+
+class CarrierProcess:
+    """`ap4k carrier` as a real child process."""
+
+    def __init__(self, servers: str, *args: str, concurrency: int = 16,
+                 lease_seconds: float = 5.0) -> None:
+        self.metrics_port = free_port()
+        self.args = [
+            "--server", servers, "--concurrency", str(concurrency),
+            "--lease-seconds", str(lease_seconds), "--metrics-port", str(self.metrics_port),
+            *args,
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(f"/tmp/ap4k-test-carrier-{self.metrics_port}.log")
+
+    async def start(self, timeout: float = 30.0) -> CarrierProcess:
+        log = self.log_path.open("ab")
+        # Popen returns at once; the child runs on its own.
+        self.process = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "ap4k.cli", "carrier", *self.args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        await wait_ready(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout, self.process)
+        return self
+
+    async def metric(self, name: str) -> float:
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{self.metrics_port}/metrics"
+        ) as response:
+            text = await response.text()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

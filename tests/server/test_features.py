@@ -12,9 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from ap4k.core.delivery import Deliverer, Delivery, Verdict
 from ap4k.core.targets import BlockedAddressError, GuardedResolver
-from ap4k_testkit import Api, Received, count_rows, sink
-
-from .conftest import StartServer
+from ap4k_testkit import Api, Received, StartServer, count_rows, sink
 
 
 async def test_delay_and_not_before(api: Api) -> None:

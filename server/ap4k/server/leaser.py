@@ -49,18 +49,20 @@ class Leaser:
             self._floors.clear()
             self._floors_reset_at = time.monotonic()
         queue = settings.name
+        is_carrier = leased_by.startswith("carrier:")
         out: list[Delivery] = []
         while len(out) < limit:
             want = min(limit - len(out), MAX_LEASE_BATCH)
             rows: list[asyncpg.Record] = await self.store.lease(
-                queue, want, leased_by, lease_seconds, self._floors.get(queue, 0)
+                queue, want, leased_by, lease_seconds, self._floors.get(queue, 0),
+                cover_timeout=not is_carrier,
             )
             if len(rows) == want:
                 self._floors[queue] = min(r["lease_order"] for r in rows)
             else:
                 self._floors.pop(queue, None)
             if rows:
-                kind = "carrier" if leased_by.startswith("carrier:") else "dispatcher"
+                kind = "carrier" if is_carrier else "dispatcher"
                 metrics.LEASED.labels(queue, kind).inc(len(rows))
             for record in rows:
                 delivery = self._delivery(record, settings, leased_by)

@@ -6,10 +6,13 @@ from functools import cache
 from typing import Any
 
 from ap4k.server.validation import (
+    HEADER_NAME,
     MAX_ATTEMPTS_LIMIT,
     MAX_BATCH,
     MAX_DELAY_SECONDS,
+    MAX_HEADERS,
     MAX_KEY_LENGTH,
+    MAX_TARGET_LENGTH,
     MAX_TIMEOUT_SECONDS,
     METHODS,
     MIN_TIMEOUT_SECONDS,
@@ -59,6 +62,11 @@ QUEUE_PARAM = {
 ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 NULLABLE_STRING = {"type": ["string", "null"]}
+# What validation.py refuses in text, as JSON Schema patterns.
+NO_CONTROLS = "^[^\\u0000-\\u001f\\u007f]*$"
+NO_NUL = "^[^\\u0000]*$"
+HEADER_VALUE = "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f]*$"
+URL_PREFIX = "^https?://[^\\u0000-\\u001f\\u007f]+$"
 
 
 def _schemas() -> dict[str, Any]:
@@ -70,10 +78,17 @@ def _schemas() -> dict[str, Any]:
             "target": {
                 "type": "string",
                 "minLength": 1,
+                "maxLength": MAX_TARGET_LENGTH,
+                "pattern": NO_CONTROLS,
                 "description": "http(s) URL, or a path joined to the queue's base_url",
             },
             "method": {"type": "string", "enum": sorted(METHODS), "default": "POST"},
-            "headers": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+            "headers": {
+                "type": ["object", "null"],
+                "maxProperties": MAX_HEADERS,
+                "propertyNames": {"pattern": HEADER_NAME.pattern},
+                "additionalProperties": {"type": "string", "pattern": HEADER_VALUE},
+            },
             "body": {"description": "Any JSON value, delivered as the JSON request body"},
             "delay_seconds": {
                 "type": ["number", "null"],
@@ -87,11 +102,17 @@ def _schemas() -> dict[str, Any]:
                 "maximum": PRIORITY_LIMIT,
                 "default": 0,
             },
-            "dedup_key": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+            "dedup_key": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "maxLength": MAX_KEY_LENGTH,
+                "pattern": NO_NUL,
+            },
             "ordering_key": {
                 "type": ["string", "null"],
                 "minLength": 1,
                 "maxLength": MAX_KEY_LENGTH,
+                "pattern": NO_NUL,
             },
             "max_attempts": {
                 "type": ["integer", "null"],
@@ -172,11 +193,11 @@ def _schemas() -> dict[str, Any]:
         },
         "max_concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": 1_000_000},
         "paused": {"type": "boolean"},
-        "base_url": {"type": ["string", "null"], "pattern": "^https?://.+"},
+        "base_url": {"type": ["string", "null"], "pattern": URL_PREFIX},
         "allowed_targets": {
             "type": ["array", "null"],
             "maxItems": 100,
-            "items": {"type": "string", "pattern": "^https?://.+"},
+            "items": {"type": "string", "pattern": URL_PREFIX},
         },
     }
     settings_in = {
@@ -184,7 +205,12 @@ def _schemas() -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {
             **settings_props,
-            "signing_secret": {"type": ["string", "null"], "minLength": 1, "maxLength": 256},
+            "signing_secret": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "maxLength": 256,
+                "pattern": NO_NUL,
+            },
         },
     }
     settings_out = {
@@ -344,7 +370,7 @@ def openapi_document() -> dict[str, Any]:
         "content": {
             "application/json": {
                 "schema": {
-                    "type": "object",
+                    "type": ["object", "null"],
                     "additionalProperties": False,
                     "properties": {
                         "ids": {

@@ -46,7 +46,7 @@ FIND_BY_DEDUP_KEY = """
 SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_key = $2
 """
 
-LEASE = "SELECT * FROM ap4k_lease($1, $2, $3, $4, $5)"
+LEASE = "SELECT * FROM ap4k_lease($1, $2, $3, $4, $5, $6)"
 
 # Outcomes of deliveries, batched, from dispatchers and carriers alike. The decision is made
 # here, in one place: 2xx completes; a retryable failure waits out its backoff (Retry-After,

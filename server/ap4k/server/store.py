@@ -127,11 +127,17 @@ class Store:
     # -- leases and outcomes -------------------------------------------------------------
 
     async def lease(
-        self, queue: str, limit: int, leased_by: str, lease_seconds: float, floor: int
+        self,
+        queue: str,
+        limit: int,
+        leased_by: str,
+        lease_seconds: float,
+        floor: int,
+        cover_timeout: bool,
     ) -> list[asyncpg.Record]:
         async with self.pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
-                queries.LEASE, queue, limit, leased_by, lease_seconds, floor
+                queries.LEASE, queue, limit, leased_by, lease_seconds, floor, cover_timeout
             )
             return rows
 

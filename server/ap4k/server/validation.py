@@ -49,6 +49,7 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 MAX_ATTEMPTS_LIMIT = 1000
 PRIORITY_LIMIT = 1000
 MAX_KEY_LENGTH = 256
+MAX_HEADERS = 64
 MAX_TARGET_LENGTH = 4096
 # C0 controls and DEL: never part of a URL, and NUL cannot even be stored in a text column
 # (PostgreSQL would refuse the row, which must be a 400 here, not a 5xx there).
@@ -75,7 +76,7 @@ class NewMessage:
 
 
 def check_queue_name(name: str) -> str:
-    if not QUEUE_NAME.match(name):
+    if not QUEUE_NAME.fullmatch(name):  # not match(): "$" also matches before a final "\n"
         raise ApiError(
             400,
             "invalid_queue_name",
@@ -138,10 +139,10 @@ def _headers(value: Any, field: str) -> str | None:
         return None
     if not isinstance(value, dict):
         raise invalid(field, "headers must be an object of header names to string values")
-    if len(value) > 64:
-        raise invalid(field, "at most 64 headers")
+    if len(value) > MAX_HEADERS:
+        raise invalid(field, f"at most {MAX_HEADERS} headers")
     for name, header_value in value.items():
-        if not HEADER_NAME.match(name):
+        if not HEADER_NAME.fullmatch(name):
             raise invalid(field, f"{name!r} is not a valid header name")
         lowered = name.lower()
         if lowered in RESERVED_HEADERS or lowered.startswith("ap4k-"):

@@ -107,12 +107,15 @@ ALTER TABLE ap4k_messages SET (
 -- queue's pause switch, concurrency limit and rate limit (a token bucket on the queue row),
 -- and per-ordering-key FIFO. p_floor is the caller's head pointer: no available row of
 -- this queue has a lower lease_order that the caller has not already passed (0: no hint).
+-- With p_cover_timeout the lease lasts at least the message's timeout + 1 s (the server's
+-- dispatchers, which never extend); carriers lease for p_lease_seconds and heartbeat.
 CREATE FUNCTION ap4k_lease(
     p_queue text,
     p_limit integer,
     p_leased_by text,
     p_lease_seconds double precision,
-    p_floor bigint
+    p_floor bigint,
+    p_cover_timeout boolean
 ) RETURNS TABLE (
     id bigint, target text, method text, headers text, body bytea, attempt integer,
     max_attempts integer, timeout_seconds real, created_at timestamptz,
@@ -176,8 +179,9 @@ BEGIN
            attempt = m.attempt + 1,
            leased_by = p_leased_by,
            attempted_at = now(),
-           lease_expires_at = now() + make_interval(
-               secs => greatest(p_lease_seconds, m.timeout_seconds + 1))
+           lease_expires_at = now() + make_interval(secs => CASE
+               WHEN p_cover_timeout THEN greatest(p_lease_seconds, m.timeout_seconds + 1)
+               ELSE p_lease_seconds END)
       FROM picked
      WHERE m.id = picked.id
     RETURNING m.id, m.target, m.method, m.headers, m.body, m.attempt,

@@ -1,0 +1,87 @@
+"""`ap4k carrier --server URL[,URL…]`: a delivery worker that scales out over leases."""
+
+from __future__ import annotations
+
+import argparse
+
+from ap4k.core.config import add_flag
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    carrier = subparsers.add_parser("carrier", help="run a carrier (a delivery worker)")
+    add_flag(
+        carrier,
+        "--server",
+        env_name="SERVER_URL",
+        default="http://127.0.0.1:7438",
+        help="server URL(s), comma-separated; any replica takes any call",
+    )
+    add_flag(
+        carrier,
+        "--concurrency",
+        env_name="CARRIER_CONCURRENCY",
+        default=32,
+        cast=int,
+        help="concurrent deliveries",
+    )
+    add_flag(
+        carrier,
+        "--lease-seconds",
+        env_name="LEASE_SECONDS",
+        default=60.0,
+        cast=float,
+        help="lease duration (extended by heartbeats for slow deliveries)",
+    )
+    add_flag(
+        carrier,
+        "--queues",
+        env_name="QUEUES",
+        default="",
+        help="only these queues (comma-separated); default: all",
+    )
+    add_flag(carrier, "--api-token", env_name="API_TOKEN", default=None, help="bearer token")
+    add_flag(
+        carrier,
+        "--metrics-port",
+        env_name="METRICS_PORT",
+        default=7439,
+        cast=int,
+        help="port of /metrics and /healthz (0: off)",
+    )
+    add_flag(
+        carrier,
+        "--drain-seconds",
+        env_name="DRAIN_SECONDS",
+        default=10.0,
+        cast=float,
+        help="on SIGTERM, how long in-flight deliveries may take to finish",
+    )
+    add_flag(
+        carrier,
+        "--id",
+        env_name="CARRIER_ID",
+        default="",
+        help="this carrier's id (default: host-pid-random)",
+    )
+    add_flag(carrier, "--log-level", env_name="LOG_LEVEL", default="info", help="log level")
+    add_flag(carrier, "--log-format", env_name="LOG_FORMAT", default="text", help="text or json")
+    carrier.set_defaults(func=run_carrier)
+
+
+def run_carrier(args: argparse.Namespace) -> int:
+    from ap4k.carrier.carrier import CarrierSettings
+    from ap4k.carrier.main import run
+    from ap4k.core import logs
+
+    logs.configure(args.log_level, args.log_format)
+    settings = CarrierSettings(
+        servers=[s.strip() for s in args.server.split(",") if s.strip()],
+        concurrency=args.concurrency,
+        lease_seconds=args.lease_seconds,
+        queues=[q.strip() for q in args.queues.split(",") if q.strip()],
+        api_token=args.api_token,
+        carrier_id=args.id,
+        drain_grace_seconds=args.drain_seconds,
+    )
+    logs.run_async(run(settings, args.metrics_port))
+    return 0
