@@ -306,3 +306,31 @@ def test_notes_tell_how_to_post_through_the_service_dns(render: Renderer) -> Non
     bare = render()
     assert "kind: AsyncQueue" in bare.notes
     assert f"http://example.{NAMESPACE}.svc:7438/v1/queues/default/messages" in bare.notes
+
+
+def test_every_value_is_documented_for_helm_docs() -> None:
+    """Each leaf of values.yaml, or a map above it, carries a helm-docs `# --` comment."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    comment: list[str] = []
+    undocumented = []
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped)
+            continue
+        match = re.match(r"^(\s*)([A-Za-z_][\w.-]*):(.*)$", line)
+        if not match:
+            comment = []
+            continue
+        indent, key, rest = len(match.group(1)), match.group(2), match.group(3).strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        documented = bool(comment) and comment[0].startswith("# -- ")
+        inherited = documented or any(d for _, d in stack)
+        is_leaf = rest != ""
+        if is_leaf and not inherited:
+            undocumented.append(f"{number}: {key}")
+        stack.append((indent, documented))
+        comment = []
+    assert not undocumented, undocumented
