@@ -59,8 +59,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 # Install from the wheels of stage 1 only (--no-index): the image gets exactly what was
 # resolved there. The wheel file is named by path, so pip does not resolve a version.
+# --compile: bytecode is written now, since nothing can be written at run time.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels /wheels/ap4k-*.whl \
+    pip install --no-index --compile --find-links=/wheels /wheels/ap4k-*.whl \
     && ap4k --help >/dev/null
 
 # A numeric, non-root user (Kubernetes' runAsNonRoot can only verify numeric ids), with no

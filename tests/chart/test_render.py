@@ -4,6 +4,7 @@ and every object validated against the Kubernetes 1.30 schemas (strict: unknown 
 from __future__ import annotations
 
 import re
+import tomllib
 from typing import Any
 
 import helm_python
@@ -19,6 +20,7 @@ from tests.chart.conftest import (
     NAMESPACE,
     OPERATOR_CRD,
     RELEASE,
+    REPO,
     Rendered,
     Renderer,
     helm_lint,
@@ -295,6 +297,9 @@ def test_the_defaults_satisfy_the_schema() -> None:
     with helm_python.Chart.load(CHART) as chart:
         chart.validate_schema(chart.values)
         assert chart.metadata["name"] == "ap4k"
+        # The default image tag is the appVersion: the package version it was built from.
+        pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+        assert chart.metadata["appVersion"] == pyproject["project"]["version"]
 
 
 def test_notes_tell_how_to_post_through_the_service_dns(render: Renderer) -> None:
