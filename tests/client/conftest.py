@@ -139,7 +139,9 @@ class ServerProcess:
     port: int
     log: Path
     env: dict[str, str]
-    dispatchers: int = 4
+    # Enough concurrent deliveries that the thousands of messages of the volume tests
+    # arrive in seconds.
+    dispatchers: int = 32
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -217,7 +219,7 @@ async def make_server(
 
     async def make(
         *, start: bool = True, token: str | None = None, database_url: str | None = None,
-        dispatchers: int = 4,
+        dispatchers: int = 32,
     ) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AP4K_")}
         if token:
@@ -241,6 +243,22 @@ async def make_server(
             server.stop()
 
 
-@pytest.fixture
-async def server(make_server: ServerFactory) -> ServerProcess:
-    return await make_server()
+@pytest.fixture(scope="session")
+async def server(postgres: EmbeddedPostgres) -> AsyncIterator[ServerProcess]:
+    """One `ap4k serve` shared by the tests that need nothing special of it (each uses
+    its own queue names and targets); `make_server` builds dedicated ones."""
+    if not SERVER_AVAILABLE:
+        pytest.skip("`ap4k serve` is not built yet")
+    logs = Path(tempfile.mkdtemp(prefix="ap4k-client-server-"))
+    shared = ServerProcess(
+        database_url=await create_database(postgres, "ap4k_shared"),
+        port=free_port(),
+        log=logs / "server.log",
+        env={k: v for k, v in os.environ.items() if not k.startswith("AP4K_")},
+    )
+    await shared.start()
+    try:
+        yield shared
+    finally:
+        shared.stop()
+        shutil.rmtree(logs, ignore_errors=True)

@@ -64,10 +64,16 @@ async def test_send_many_is_in_order_and_delivered(server: ServerProcess, target
             [NewMessage(target.url, {"n": i}) for i in range(1500)]  # two POSTs
             + [{"target": target.url, "body": {"n": 1500}}],
         )
+        # Five 300 kB messages do not fit one request (the server takes 1 MiB): split.
+        big = await client.send_many(
+            "many", [NewMessage(target.url, {"n": 2000 + i, "pad": "x" * 300_000})
+                     for i in range(5)]
+        )
     assert len(results) == 1501
     assert len({r.id for r in results}) == 1501
-    assert await target.wait_for(1501)
-    assert set(target.counts()) == set(range(1501))
+    assert len({r.id for r in big}) == 5
+    assert await target.wait_for(1506)
+    assert set(target.counts()) == set(range(1501)) | set(range(2000, 2005))
 
 
 async def test_cancel(server: ServerProcess, target: Target) -> None:

@@ -78,8 +78,11 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         session: aiohttp.ClientSession | None = None,
         user_agent: str = "ap4k-client",
+        max_request_bytes: int = 512 * 1024,
     ) -> None:
         self.urls = split_urls(urls)
+        # `send_many` splits its POSTs to stay under the server's body limit (1 MiB default).
+        self.max_request_bytes = max_request_bytes
         self.retry = retry or RetryPolicy()
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._headers = {"User-Agent": user_agent, "Accept": "application/json"}
@@ -151,15 +154,24 @@ class AsyncClient:
     async def send_many(
         self, queue: str, messages: Sequence[NewMessage | Mapping[str, JSON]]
     ) -> list[Enqueued]:
-        """Enqueue many messages, in order, in POSTs of up to 1,000.
+        """Enqueue many messages, in order, in POSTs of up to 1,000 messages and
+        `max_request_bytes`.
 
-        Each POST is atomic on the server; a list longer than 1,000 is not, as a whole. Give
-        the messages dedup keys if you retry a failed call.
+        Each POST is atomic on the server; a list that needs several is not, as a whole.
+        Give the messages dedup keys if you retry a failed call.
         """
-        payloads = [_message_json(m) for m in messages]
         results: list[Enqueued] = []
-        for start in range(0, len(payloads), MAX_BATCH):
-            chunk = payloads[start : start + MAX_BATCH]
+        chunk: list[dict[str, JSON]] = []
+        size = 0
+        for message in messages:
+            payload = _message_json(message)
+            payload_size = len(orjson.dumps(payload)) + 1
+            if chunk and (len(chunk) == MAX_BATCH or size + payload_size > self.max_request_bytes):
+                results.extend(await self.send_json_batch(queue, chunk))
+                chunk, size = [], 0
+            chunk.append(payload)
+            size += payload_size
+        if chunk:
             results.extend(await self.send_json_batch(queue, chunk))
         return results
 

@@ -67,8 +67,10 @@ class Client:
         connect_timeout: float = 3.0,
         retry: RetryPolicy | None = None,
         user_agent: str = "ap4k-client",
+        max_request_bytes: int = 512 * 1024,
     ) -> None:
         self._options: dict[str, Any] = {
+            "max_request_bytes": max_request_bytes,
             "urls": list(urls) if not isinstance(urls, str) else urls,
             "token": token,
             "timeout": timeout,
