@@ -135,6 +135,8 @@ class Forwarder:
                 retry=RetryPolicy(attempts=2, min_backoff_seconds=0.05, max_backoff_seconds=0.5),
             )
             self._owns_client = True
+        # Two attempts of `request_timeout` and a short pause between them, with room to spare.
+        self._claim_timeout_ms = int((2 * request_timeout + 30) * 1000)
         self._backoff = RetryPolicy(min_backoff_seconds=0.1, max_backoff_seconds=max_backoff)
         self._pool: Any = None
         self._key_prefix = ""
@@ -159,7 +161,16 @@ class Forwarder:
             return
         self._stopping.clear()
         self._pool = await asyncpg.create_pool(
-            self.outbox_url, min_size=1, max_size=self.concurrency + 1
+            self.outbox_url,
+            min_size=1,
+            max_size=self.concurrency + 1,
+            server_settings={
+                "application_name": "ap4k-forwarder",
+                # A forwarder that vanishes without closing its socket (a node lost) would
+                # hold its claimed rows locked until TCP gives up, hours later. PostgreSQL
+                # ends a transaction idle for longer than any batch can take instead.
+                "idle_in_transaction_session_timeout": str(self._claim_timeout_ms),
+            },
         )
         try:
             async with self._pool.acquire() as conn:
