@@ -110,6 +110,11 @@ async def test_backlog_scales_carriers_and_queue_settings_are_applied(
                                      what="status.carriers.replicas 3")
             status = aq()["status"]
             assert status["backlog"] == 25
+            # (kmock keeps one event per namespace: kopf's events have only a generateName.)
+            (event,) = await cluster.eventually(lambda: cluster.events("ScaledUp"),
+                                                what="a ScaledUp event")
+            assert event["type"] == "Normal"
+            assert "scaled up from 0" in event["message"]
             assert status["carriers"]["lastScaleTime"]
             assert status["oldestAvailableAgeSeconds"] >= 0
 

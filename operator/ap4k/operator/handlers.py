@@ -34,7 +34,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # One operator owns the carrier replicas; no peering (and no peering CRD to install).
     settings.peering.standalone = True
     settings.scanning.disabled = not config.current().scanning
-    settings.posting.level = logging.INFO
+    # Only warnings and errors of kopf's per-object logs become Kubernetes events: a
+    # "Handler succeeded" event on every Deployment status change would be noise. The
+    # operator's own events (InvalidSpec, ScaledUp, …) are posted explicitly.
+    settings.posting.level = logging.WARNING
     port = config.current().metrics_port
     if port:
         memo["metrics_runner"] = await metrics.serve(health, "0.0.0.0", port)

@@ -190,7 +190,7 @@ async def reconcile(
             state.spec = None
             _set(state, conditions.RECONCILED, "False", "InvalidSpec", str(exc))
             await write_status(rt.kube, state)
-            kopf.warn(_as_body(body), reason="InvalidSpec", message=str(exc))
+            kopf.event(_as_body(body), type="Warning", reason="InvalidSpec", message=str(exc))
             metrics.RECONCILIATIONS.labels("invalid").inc()
             logger.warning("Invalid spec: %s", exc)
             return
@@ -411,7 +411,8 @@ async def autoscale_once(
             await rt.kube.merge_patch(path, {"spec": {"replicas": decision.replicas}})
             state.last_scale_time = conditions.now_rfc3339()
             logger.info("Carriers %s: %s", decision.reason, decision.message)
-            kopf.info(_as_body(state.owner), reason=decision.reason, message=decision.message)
+            kopf.event(_as_body(state.owner), type="Normal", reason=decision.reason,
+                       message=decision.message)
         state.scaler = decision.state
         metrics.DESIRED_CARRIERS.labels(state.key).set(
             decision.recommended if decision.recommended is not None else decision.replicas
