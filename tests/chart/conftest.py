@@ -134,6 +134,17 @@ class Rendered:
     def kinds(self) -> list[str]:
         return sorted(obj["kind"] for obj in self.objects)
 
+    def example_job(self) -> Manifest:
+        """The post-install Job that creates the example AsyncQueue."""
+        return next(job for job in self.find("Job") if job["metadata"]["name"].endswith("-example"))
+
+    def example_asyncqueue(self) -> Manifest:
+        """The example AsyncQueue, as the Job will create it."""
+        container = self.example_job()["spec"]["template"]["spec"]["containers"][0]
+        raw = next(e["value"] for e in container["env"] if e["name"] == "AP4K_EXAMPLE_ASYNCQUEUE")
+        asyncqueue: Manifest = json.loads(raw)
+        return asyncqueue
+
     def workloads(self) -> Iterator[Manifest]:
         """Every object with a pod template."""
         for obj in self.objects:

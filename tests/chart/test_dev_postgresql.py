@@ -91,7 +91,7 @@ def test_ephemeral_storage_uses_an_empty_dir(render: Renderer) -> None:
 
 
 def _example(rendered: Rendered) -> dict[str, Any]:
-    return rendered.one("AsyncQueue")
+    return rendered.example_asyncqueue()
 
 
 def test_example_queue_matches_the_crd_and_the_operator_parser(render: Renderer) -> None:
@@ -105,8 +105,10 @@ def test_example_queue_matches_the_crd_and_the_operator_parser(render: Renderer)
     spec = parse_spec(queue["metadata"]["name"], queue["metadata"]["namespace"], queue["spec"])
     assert spec.database.secret_name == secret["metadata"]["name"]
     assert [q.name for q in spec.queues] == ["default"]
-    # Created once the CRD exists: a post-install hook.
-    assert queue["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
+    # Created by a post-install hook Job once the CRD is served, not by Helm itself.
+    assert not rendered.find("AsyncQueue")
+    job = rendered.example_job()
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
 
 
 def test_example_queue_with_a_user_database_and_spec(render: Renderer) -> None:
@@ -158,4 +160,4 @@ def test_example_queue_must_be_in_a_watched_namespace(render: Renderer) -> None:
         render_chart(values)
     assert f"release namespace {NAMESPACE}" in str(failure.value)
     values["operator"] = {"watchNamespaces": ["team-a", NAMESPACE]}
-    assert render(values).one("AsyncQueue")["metadata"]["namespace"] == NAMESPACE
+    assert render(values).example_asyncqueue()["metadata"]["namespace"] == NAMESPACE

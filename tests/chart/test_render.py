@@ -162,6 +162,8 @@ def test_every_object_matches_the_kubernetes_schemas(combination: tuple[str, Ren
         # Strict: an unknown or misspelled field is an error, not silently dropped.
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         validated += 1
+    if any(job["metadata"]["name"].endswith("-example") for job in rendered.find("Job")):
+        _check_asyncqueue(rendered.example_asyncqueue())
     assert validated >= 3, name  # at least the operator Deployment, Service, ServiceAccount
 
 
@@ -200,7 +202,8 @@ def test_pods_follow_the_security_conventions(combination: tuple[str, Rendered])
             # With a read-only root filesystem, /tmp must be a volume.
             tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
             assert tmp and tmp[0]["name"] in mounts
-            assert container["livenessProbe"] and container["readinessProbe"]
+            if workload["kind"] != "Job":
+                assert container["livenessProbe"] and container["readinessProbe"]
 
 
 def test_defaults_install_crd_operator_and_cluster_wide_rbac(render: Renderer) -> None:

@@ -1,4 +1,9 @@
-{{- if .Values.exampleQueue.enabled }}
+{{/*
+The example AsyncQueue (exampleQueue.enabled), as YAML. A post-install Job creates it (see
+templates/example/ and scripts/create_asyncqueue.py), not Helm: Helm cannot create an object
+whose CRD arrives in the same release, its discovery cache does not know the kind yet.
+*/}}
+{{- define "ap4k.example.asyncqueue" -}}
 {{- $example := .Values.exampleQueue }}
 {{- $secretName := $example.databaseSecretName }}
 {{- if and (not $secretName) .Values.postgresql.enabled }}
@@ -12,11 +17,6 @@
 {{- if not $secretName }}
 {{- fail "exampleQueue.enabled=true needs a database: set postgresql.enabled=true (development PostgreSQL) or exampleQueue.databaseSecretName to a Secret holding the PostgreSQL URL" }}
 {{- end }}
-# An example AsyncQueue. It is a post-install hook because Helm checks every object of a
-# release against the cluster's API before installing any of them, and this kind only exists
-# once the CRD from this same release is in place. Created once, at install: upgrades leave it
-# alone (replacing it would delete and recreate its server), edit it with kubectl. Hooks
-# outlive `helm uninstall`: `kubectl delete asyncqueue {{ $example.name }}` first.
 apiVersion: ap4k.dev/v1alpha1
 kind: AsyncQueue
 metadata:
@@ -24,9 +24,6 @@ metadata:
   namespace: {{ .Release.Namespace }}
   labels:
     {{- include "ap4k.labels" . | nindent 4 }}
-  annotations:
-    helm.sh/hook: post-install
-    helm.sh/hook-weight: "10"
 spec:
   database:
     secretName: {{ $secretName }}
@@ -43,4 +40,8 @@ spec:
   queues:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end }}
+
+{{- define "ap4k.example.fullname" -}}
+{{- printf "%s-example" (include "ap4k.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
