@@ -143,7 +143,7 @@ def test_scrape_annotations_are_propagated_through_the_operator_env(
     pod = deployment["spec"]["template"]
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
     assert env["AP4K_OPERATOR_SCRAPE_ANNOTATIONS"] == str(annotate).lower()
-    assert ("prometheus.io/scrape" in pod["metadata"]["annotations"]) is annotate
+    assert ("prometheus.io/scrape" in pod["metadata"].get("annotations", {})) is annotate
     # The operator reads that variable, and then annotates the pods it creates.
     children = _example_children(scrape_annotations=annotate)
     for child in children:
