@@ -65,6 +65,23 @@ async def test_committed_delivered_once_rolled_back_never(
     assert await backlog(app_db) == 0
 
 
+async def test_an_idle_forwarder_is_woken_by_notify(
+    server: ServerProcess, app_db: str, app_conn: Any, target: Target
+) -> None:
+    async with Forwarder(app_db, server.url, poll_interval=600, concurrency=3):
+        # Wait until every worker has gone to sleep (registered, then waiting on LISTEN).
+        deadline = time.monotonic() + 30
+        while await app_conn.fetchval("SELECT count(*) FROM ap4k_outbox_sleepers") < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        async with app_conn.transaction():
+            await outbox.enqueue(app_conn, "wake", target.url, {"n": 1})
+        # Long before the next poll: only the NOTIFY can have woken a worker.
+        assert await target.wait_for(1, timeout=30)
+    # Leaving, the forwarder unregisters its sleepers.
+    assert await app_conn.fetchval("SELECT count(*) FROM ap4k_outbox_sleepers") == 0
+
+
 async def test_every_field_reaches_the_target(
     server: ServerProcess, app_db: str, app_conn: Any, target: Target
 ) -> None:

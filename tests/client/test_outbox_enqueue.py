@@ -36,7 +36,7 @@ async def test_init_is_idempotent_and_safe_to_run_concurrently(
 ) -> None:
     url = await create_database(postgres, "init")
     results = await asyncio.gather(*(outbox.init(url) for _ in range(4)))
-    assert sorted(results, key=len) == [[], [], [], [1]]  # applied exactly once
+    assert sorted(results, key=len) == [[], [], [], [1, 2]]  # applied exactly once
     assert await outbox.init(url) == []
     conn = await asyncpg.connect(url)
     try:
@@ -44,13 +44,13 @@ async def test_init_is_idempotent_and_safe_to_run_concurrently(
         identity = await conn.fetchval(sql.IDENTITY)
     finally:
         await conn.close()
-    assert [r["version"] for r in versions] == [1]
+    assert [r["version"] for r in versions] == [1, 2]
     assert len(identity) == 36  # a UUID: this outbox's identity in dedup keys
 
 
 async def test_cli_outbox_init(postgres: EmbeddedPostgres) -> None:
     url = await create_database(postgres, "cli")
-    for expected in ("applied: 0001", "up to date"):
+    for expected in ("applied: 0001, 0002", "up to date"):
         assert expected in await ap4k_cli("outbox", "init", "--database-url", url)
     assert "backlog: 0" in await ap4k_cli("outbox", "status", "--database-url", url)
 
@@ -138,11 +138,15 @@ async def test_enqueue_many_keeps_the_order(app_conn: Any) -> None:
     assert [orjson.loads(r["message"])["body"]["n"] for r in stored] == list(range(250))
 
 
-async def test_one_notify_per_transaction(app_db: str, app_conn: Any) -> None:
+async def test_one_notify_per_transaction_and_only_for_a_sleeping_forwarder(
+    app_db: str, app_conn: Any
+) -> None:
     listener = await asyncpg.connect(app_db)
     received: list[str] = []
     await listener.add_listener(sql.CHANNEL, lambda *args: received.append(args[2]))
-    try:
+
+    async def transactions() -> int:
+        received.clear()
         async with app_conn.transaction():
             for i in range(200):
                 await outbox.enqueue(app_conn, "q", "/t", {"n": i})
@@ -159,9 +163,22 @@ async def test_one_notify_per_transaction(app_db: str, app_conn: Any) -> None:
         with pytest.raises(RuntimeError):
             await rolled_back()
         await asyncio.sleep(0.3)
+        return len(received)
+
+    try:
+        # No forwarder asleep (all busy, or none running): no NOTIFY at all.
+        assert await transactions() == 0
+        # A forwarder worker waits on LISTEN: one NOTIFY per committed transaction.
+        await app_conn.execute(sql.SLEEP, "worker-1")
+        await app_conn.execute(sql.SLEEP, "worker-2")
+        assert await transactions() == 2
+        # A sleeper that stopped refreshing its heartbeat (killed) is ignored.
+        await app_conn.execute(
+            "UPDATE ap4k_outbox_sleepers SET heartbeat = now() - interval '1 minute'"
+        )
+        assert await transactions() == 0
     finally:
         await listener.close()
-    assert len(received) == 2
 
 
 async def test_invalid_messages_are_refused_before_any_write(app_conn: Any) -> None:
@@ -203,7 +220,7 @@ def test_psycopg_enqueue_sync_commit_and_rollback(app_db: str) -> None:
 def test_psycopg_migrate_sync(postgres: EmbeddedPostgres) -> None:
     url = asyncio.run(create_database(postgres, "sync"))
     with psycopg.connect(url) as conn:
-        assert outbox.migrate_sync(conn) == [1]
+        assert outbox.migrate_sync(conn) == [1, 2]
         assert outbox.migrate_sync(conn) == []
 
 

@@ -14,7 +14,8 @@ A forwarder killed anywhere in between loses nothing: PostgreSQL rolls the claim
 the rows are sent again, and the server answers a resend of a known dedup key with the
 message it already has. A 4xx for one message (say a target outside the allow-list) must
 not block the outbox: the batch is split until the culprit is found, and that row is marked
-rejected and kept. Workers sleep on LISTEN/NOTIFY with a polling fallback, and back off
+rejected and kept. Idle workers register in `ap4k_outbox_sleepers` and wait on LISTEN
+(enqueues send a NOTIFY only while someone sleeps), with a polling fallback; they back off
 while the server or the database is down.
 """
 
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +144,7 @@ class Forwarder:
         self._key_prefix = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeups: list[asyncio.Event] = []
+        self._workers: list[str] = []
         self._stopping = asyncio.Event()
         self._started = False
         self.forwarded = 0  # rows acknowledged and deleted by this forwarder
@@ -177,6 +180,7 @@ class Forwarder:
                 if self.migrate:
                     await schema.migrate(conn)
                 identity = await conn.fetchval(sql.IDENTITY)
+                await conn.execute(sql.FORGET_STALE_SLEEPERS)
         except BaseException:
             await self._pool.close()
             raise
@@ -184,9 +188,11 @@ class Forwarder:
             raise RuntimeError("the outbox has no identity row: run `ap4k outbox init`")
         self._key_prefix = f"outbox:{identity}:"
         self._wakeups = [asyncio.Event() for _ in range(self.concurrency)]
+        instance = uuid.uuid4().hex[:12]
+        self._workers = [f"{instance}-{n}" for n in range(self.concurrency)]
         self._tasks = [
-            asyncio.create_task(self._work(self._wakeups[n]), name=f"ap4k-forwarder-{n}")
-            for n in range(self.concurrency)
+            asyncio.create_task(self._work(name, wakeup), name=f"ap4k-forwarder-{name}")
+            for name, wakeup in zip(self._workers, self._wakeups, strict=True)
         ]
         self._tasks.append(asyncio.create_task(self._listen(), name="ap4k-forwarder-listen"))
         self._tasks.append(asyncio.create_task(self._report(), name="ap4k-forwarder-stats"))
@@ -210,6 +216,8 @@ class Forwarder:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        with contextlib.suppress(*DATABASE_ERRORS):
+            await asyncio.wait_for(self._pool.execute(sql.WAKE, self._workers), 2)
         await self._pool.close()
         if self._owns_client:
             await self._client.close()
@@ -376,18 +384,36 @@ class Forwarder:
 
     # -- background tasks -------------------------------------------------------------------
 
-    async def _work(self, wakeup: asyncio.Event) -> None:
+    async def _work(self, name: str, wakeup: asyncio.Event) -> None:
+        """One worker: forward batches while there are rows; when there are none, register
+        as asleep (so that enqueues send a NOTIFY), look once more, and wait."""
         failures = 0
+        asleep_since: float | None = None  # when our sleeper row was last written
         while not self._stopping.is_set():
             wakeup.clear()  # before the claim: a NOTIFY from now on wakes the next wait
             try:
                 result = await self.forward_batch()
+                if result.claimed and asleep_since is not None:
+                    # Busy from now on: enqueues can stop sending NOTIFYs.
+                    await self._pool.execute(sql.WAKE, [name])
+                    asleep_since = None
+                if result.claimed == 0:
+                    now = time.monotonic()
+                    if asleep_since is None:
+                        await self._pool.execute(sql.SLEEP, name)
+                        asleep_since = now
+                        # Rows committed before that registration sent no NOTIFY: look again.
+                        continue
+                    if now - asleep_since > sql.SLEEPER_HEARTBEAT_SECONDS:
+                        await self._pool.execute(sql.SLEEP, name)  # heartbeat
+                        asleep_since = now
             except ServerUnavailable as exc:
                 reason, message = "server_unavailable", str(exc)
             except ApiError as exc:
                 reason, message = "unauthorized" if exc.status == 401 else "setup", str(exc)
             except DATABASE_ERRORS as exc:
                 reason, message = "database", repr(exc)
+                asleep_since = None  # the sleeper table may have been reset (unlogged)
             except Exception as exc:  # a bug must not kill the worker: log, back off, go on
                 logger.exception("forwarding failed unexpectedly")
                 reason, message = "internal", repr(exc)

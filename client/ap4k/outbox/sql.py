@@ -53,7 +53,26 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         INSERT INTO ap4k_outbox_identity DEFAULT VALUES;
         """,
     ),
+    (
+        2,
+        "sleeping forwarders",
+        """
+        -- Forwarder workers waiting on LISTEN register here; an enqueue sends its NOTIFY
+        -- only while one does. A busy forwarder needs no wake-up, and a NOTIFY serialises
+        -- commits (PERFORMANCE-NOTES, trap 1), so under load no NOTIFY is sent at all.
+        -- Unlogged: it is only a hint, rebuilt by the forwarders within seconds.
+        CREATE UNLOGGED TABLE ap4k_outbox_sleepers (
+            worker text PRIMARY KEY,
+            heartbeat timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
+
+# A sleeper whose heartbeat is older than this is gone (killed while asleep); the live ones
+# refresh theirs every SLEEPER_HEARTBEAT_SECONDS.
+SLEEPER_STALE_SECONDS = 30
+SLEEPER_HEARTBEAT_SECONDS = 10
 
 CREATE_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS ap4k_outbox_migrations (
@@ -72,19 +91,26 @@ RECORD_MIGRATION = "INSERT INTO ap4k_outbox_migrations (version, name) VALUES ($
 
 IDENTITY = "SELECT id::text FROM ap4k_outbox_identity"
 
-# One message. The NOTIFY rides in the same statement (one round trip); PostgreSQL folds
-# identical notifications of one transaction into one, so a transaction that enqueues a
-# thousand messages still sends a single NOTIFY.
-ENQUEUE = """
+# The wake-up: a NOTIFY only while some forwarder worker sleeps. PostgreSQL folds identical
+# notifications of one transaction into one, so a transaction that enqueues a thousand
+# messages still sends at most one NOTIFY, at commit.
+NOTIFY = f"""
+SELECT pg_notify('{CHANNEL}', '') FROM ap4k_outbox_sleepers
+WHERE heartbeat > now() - interval '{SLEEPER_STALE_SECONDS} seconds'
+LIMIT 1
+"""
+
+# One message; the conditional NOTIFY rides in the same statement (one round trip).
+_ENQUEUE = """
 WITH row AS (
     INSERT INTO ap4k_outbox (queue, message, ordering_key, not_before)
     VALUES ($1, $2::jsonb, $3, COALESCE($4::timestamptz, now() + make_interval(secs => $5)))
     RETURNING id
 )
-SELECT id FROM row
+SELECT id{wake} FROM row
 """
-
-ENQUEUE_NOTIFY = ENQUEUE + f", pg_notify('{CHANNEL}', '')"
+ENQUEUE = _ENQUEUE.format(wake="")
+ENQUEUE_NOTIFY = _ENQUEUE.format(wake=f", ({NOTIFY.strip()}) AS woken")
 
 # Many messages in one statement; ids are assigned in list order.
 ENQUEUE_MANY = """
@@ -100,7 +126,15 @@ WITH rows AS (
 SELECT id FROM rows ORDER BY id
 """
 
-NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
+# Forwarder workers going to sleep, waking up, and leaving.
+SLEEP = """
+INSERT INTO ap4k_outbox_sleepers (worker) VALUES ($1)
+ON CONFLICT (worker) DO UPDATE SET heartbeat = now()
+"""
+WAKE = "DELETE FROM ap4k_outbox_sleepers WHERE worker = ANY($1::text[])"
+FORGET_STALE_SLEEPERS = """
+DELETE FROM ap4k_outbox_sleepers WHERE heartbeat < now() - interval '1 hour'
+"""
 
 # The forwarders' claim: the oldest rows nobody else holds. The lock lasts until the batch
 # is acknowledged and deleted (or the forwarder dies and PostgreSQL rolls back).
