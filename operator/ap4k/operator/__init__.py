@@ -9,7 +9,9 @@ Modules, one concern each:
 - `kube`: a small asyncio Kubernetes API client reusing kopf's login credentials;
 - `apply`: idempotent create-or-patch of child objects;
 - `queue_server`, `backlog`: the ap4k server's HTTP API and the backlog metric sources;
-- `reconcile`: what the handlers do; `handlers`: the kopf decorators (thin);
+- `state`: what the operator remembers per AsyncQueue, and the status it writes;
+- `reconcile`: apply the children and correct their drift; `autoscale`: the polling daemon;
+- `handlers`: the kopf decorators (thin);
 - `metrics`: the operator's own Prometheus metrics and health endpoint;
 - `config`: operator settings from `AP4K_*` environment variables; `cli`: `ap4k operator`.
 """

@@ -11,20 +11,20 @@ from typing import Any
 
 import kopf
 
-from ap4k.operator import config, kube, metrics, reconcile
+from ap4k.operator import autoscale, config, kube, metrics, reconcile, state
 
 GROUP, VERSION, PLURAL = "ap4k.dev", "v1alpha1", "asyncqueues"
 CHILDREN = {"app.kubernetes.io/managed-by": "ap4k-operator"}
 
 # Replaced at every start: the tests run several operators, one after the other, in a process.
-runtime = reconcile.Runtime(kube=kube.client)
+runtime = state.Runtime(kube=kube.client)
 health = metrics.Health()
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     global runtime
-    runtime = reconcile.Runtime(kube=kube.client)
+    runtime = state.Runtime(kube=kube.client)
     # kopf's own bookkeeping goes to annotations: the status belongs to the AsyncQueue.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="ap4k.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -93,7 +93,7 @@ async def forget_asyncqueue(name: str, namespace: str | None, **_: Any) -> None:
 async def autoscale_carriers(
     name: str, namespace: str | None, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
-    await reconcile.autoscale(runtime, namespace or "", name, stopped, logger)
+    await autoscale.autoscale(runtime, namespace or "", name, stopped, logger)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)
