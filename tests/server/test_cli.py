@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -199,7 +200,7 @@ async def test_serve_help_lists_its_flags_and_their_environment_variables() -> N
 
 
 async def test_serve_takes_its_settings_from_ap4k_environment_variables(
-    database_url: str,
+    database_url: str, tmp_path: Path
 ) -> None:
     """No flags at all: host, port, database, token, dispatchers and the body limit all come
     from AP4K_* variables, and SIGTERM stops the server cleanly."""
@@ -213,13 +214,15 @@ async def test_serve_takes_its_settings_from_ap4k_environment_variables(
         "AP4K_DISPATCHERS": "0",
         "AP4K_MAX_BODY_BYTES": "2048",
     }
-    # Popen returns at once; the server runs on its own until the SIGTERM below.
-    process = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "ap4k.cli", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        # Popen returns at once; the server runs on its own until the SIGTERM below.
+        process = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "ap4k.cli", "serve"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         await wait_ready(base + "/readyz", 30, process)
@@ -243,6 +246,5 @@ async def test_serve_takes_its_settings_from_ap4k_environment_variables(
         if process.poll() is None:
             process.kill()
             process.wait(10)
-    assert process.stdout is not None
-    log = process.stdout.read().decode(errors="replace")
+    log = log_path.read_text(errors="replace")
     assert f"127.0.0.1:{port} with 0 dispatchers" in log, log
