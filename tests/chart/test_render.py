@@ -342,3 +342,19 @@ def test_every_value_is_documented_for_helm_docs() -> None:
         stack.append((indent, documented))
         comment = []
     assert not undocumented, undocumented
+
+
+def test_the_values_users_look_for_exist_under_their_names() -> None:
+    with helm_python.Chart.load(CHART) as chart:
+        values = chart.values
+    for dotted in (
+        "image.repository", "image.tag", "crds.install", "operator.watchNamespaces",
+        "operator.resources", "postgresql.enabled", "metrics.serviceMonitor.enabled",
+        "metrics.podMonitor.enabled", "metrics.prometheusRule.enabled",
+        "grafana.dashboards.enabled", "exampleQueue.enabled",
+    ):  # fmt: skip
+        node: Any = values
+        for part in dotted.split("."):
+            assert isinstance(node, dict) and part in node, dotted
+            node = node[part]
+    assert values["operator"]["watchNamespaces"] == []  # empty: all namespaces
