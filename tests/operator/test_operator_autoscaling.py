@@ -178,3 +178,45 @@ async def test_server_rejecting_a_setting_is_reported(
         ready = condition(cluster.get(AQ, "orders"), "Ready")
         assert (ready["status"], ready["reason"]) == ("False", "Rejected")
         assert "jobs" in ready["message"]
+
+
+async def test_an_operator_restart_keeps_the_carriers(
+    cluster: Any, run_operator: Any, server: ServerProcess
+) -> None:
+    settings = config.OperatorConfig(
+        kubernetes_url=cluster.url, server_url_template=server.url, metrics_port=0,
+        http_timeout_seconds=2.0, scanning=False,
+    )
+    api = Api(server.url)
+
+    def carriers() -> int:
+        replicas: int = cluster.get(DEPLOYMENTS, "orders-carrier")["spec"]["replicas"]
+        return replicas
+
+    try:
+        async with run_operator(settings):
+            await cluster.create(asyncqueue())
+            await cluster.eventually(
+                lambda: condition(cluster.get(AQ, "orders"), "QueuesConfigured")["status"]
+                == "True", what="the queues configured",
+            )
+            sent = await api.send_batch("jobs", [{"target": TARGET} for _ in range(45)])
+            await cluster.eventually(lambda: carriers() == 5, what="5 carriers")
+
+        # While the operator is away (an upgrade), the demand goes.
+        for item in sent:
+            await api.ok("DELETE", f"/v1/messages/{item['id']}")
+
+        async with run_operator(settings):
+            # The resumed operator sees the empty backlog but starts its window with the 5 it
+            # found: no sudden scale-down, then zero once a whole window stayed empty.
+            await cluster.eventually(
+                lambda: cluster.get(AQ, "orders")["status"]["backlog"] == 0,
+                what="the empty backlog sampled",
+            )
+            assert carriers() == 5
+            assert cluster.get(AQ, "orders")["status"]["carriers"]["desiredReplicas"] == 0
+            await cluster.eventually(lambda: carriers() == 0, timeout=WINDOW + 15,
+                                     what="scale to zero after the window")
+    finally:
+        await api.close()
