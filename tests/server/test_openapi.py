@@ -63,16 +63,29 @@ async def schemathesis(location: str, *args: str, cwd: Path) -> tuple[int, str]:
 
 async def seeded_server(start_server: StartServer) -> Api:
     """A server without dispatchers (nothing is delivered to generated targets), holding a
-    queue with settings, a message, and a dead letter, so reads find real data too."""
+    queue with settings, available messages of every shape, and a dead letter, so reads and
+    leases answer with real data too."""
     _, api = await start_server(dispatchers=0)
-    await api.settings("orders", max_attempts=3, allowed_targets=["https://example.com/"])
-    await api.send("orders", {"target": "https://example.com/hook", "body": {"order": 1}})
+    await api.settings(
+        "orders", max_attempts=3, allowed_targets=["https://example.com/"], signing_secret="s"
+    )
+    await api.send_batch(
+        "orders",
+        [
+            {"target": "https://example.com/hook", "body": {"order": 1}},
+            {"target": "https://example.com/hook", "method": "PUT", "body": "text"},
+            {"target": "https://example.com/hook", "headers": {"X-A": "b"}, "ordering_key": "k"},
+            {"target": "https://example.com/hook", "body": None, "dedup_key": "d", "priority": 9},
+            {"target": "https://example.com/hook", "max_attempts": 1, "timeout_seconds": 0.5},
+        ],
+    )
     await api.send("dead-end", {"target": "https://example.com/gone", "max_attempts": 1})
-    leased = await api.ok("POST", "/v1/leases", {"carrier": "t", "wait_seconds": 0})
+    leased = await api.ok(
+        "POST", "/v1/leases", {"carrier": "t", "queues": ["dead-end"], "wait_seconds": 0}
+    )
     fails = [
         {"id": m["id"], "attempt": m["attempt"], "outcome": "fail", "error": "410 Gone"}
         for m in leased["messages"]
-        if m["queue"] == "dead-end"
     ]
     await api.ok("POST", "/v1/acks", {"carrier": "t", "acks": fails})
     dead = await api.ok("GET", "/v1/queues/dead-end/dead")
@@ -132,6 +145,9 @@ async def test_lease_keeps_to_the_document_without_waiting(
     )
     assert code == 0, output
     assert "1 selected" in output, output
+    # Generated requests did lease the seeded messages: real answers met the schema.
+    orders = await api.ok("GET", "/v1/queues/orders")
+    assert orders["depth"]["running"] > 0, orders
 
 
 @pytest.mark.xfail(

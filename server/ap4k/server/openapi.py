@@ -300,12 +300,47 @@ def _schemas() -> dict[str, Any]:
                 "lease_seconds": {"type": "number", "minimum": 1, "maximum": 3600},
             },
         },
+        "LeasedMessage": {
+            "type": "object",
+            "required": [
+                "id",
+                "queue",
+                "attempt",
+                "target",
+                "method",
+                "headers",
+                "body_json",
+                "timeout_seconds",
+                "created_at",
+            ],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                "queue": {"type": "string"},
+                "attempt": {"type": "integer", "minimum": 1},
+                "max_attempts": {"type": "integer", "minimum": 1},
+                "target": {"type": "string"},
+                "method": {"type": "string", "enum": sorted(METHODS)},
+                "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                "body_json": {
+                    "type": ["string", "null"],
+                    "description": "The body as stored JSON text: the exact bytes to send",
+                },
+                "timeout_seconds": {"type": "number", "exclusiveMinimum": 0},
+                "created_at": {"type": "number", "description": "Enqueue time, epoch seconds"},
+                "ordering_key": NULLABLE_STRING,
+                "explicitly_allowed": {"type": "boolean"},
+            },
+        },
         "Leased": {
             "type": "object",
             "required": ["messages", "signing_secrets"],
             "properties": {
-                "messages": {"type": "array", "items": {"type": "object"}},
-                "signing_secrets": {"type": "object", "additionalProperties": {"type": "string"}},
+                "messages": {"type": "array", "items": _ref("LeasedMessage")},
+                "signing_secrets": {
+                    "type": "object",
+                    "description": "Each leased queue's signing secret, by queue name",
+                    "additionalProperties": {"type": "string"},
+                },
             },
         },
         "AckRequest": {
@@ -554,7 +589,31 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "extendLeases",
                 "requestBody": body("LeaseList"),
                 "responses": _responses(
-                    ("200", {"type": "object", "required": ["extended", "refused"]}, "Extended"),
+                    (
+                        "200",
+                        {
+                            "type": "object",
+                            "required": ["extended", "refused"],
+                            "properties": {
+                                "extended": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["id", "lease_expires_at"],
+                                        "properties": {
+                                            "id": {"type": "string"},
+                                            "lease_expires_at": {
+                                                "type": "string",
+                                                "format": "date-time",
+                                            },
+                                        },
+                                    },
+                                },
+                                "refused": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
+                        "Which leases were extended; expired or foreign ones are refused",
+                    ),
                     "400",
                     "413",
                 ),
@@ -565,7 +624,17 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "releaseLeases",
                 "requestBody": body("LeaseRelease"),
                 "responses": _responses(
-                    ("200", {"type": "object", "required": ["released"]}, "Released"),
+                    (
+                        "200",
+                        {
+                            "type": "object",
+                            "required": ["released"],
+                            "properties": {
+                                "released": {"type": "array", "items": {"type": "string"}}
+                            },
+                        },
+                        "The leases given back; the messages are available again",
+                    ),
                     "400",
                     "413",
                 ),
