@@ -87,6 +87,21 @@ def check_queue_name(name: str) -> str:
     return name
 
 
+MAX_ID = 2**63 - 1
+ID_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def parse_id(raw: object) -> int | None:
+    """A message id given as a string (path, query or JSON), or None if it cannot be one.
+
+    ASCII digits only: str.isdigit() also accepts '²' and other digits that int() refuses.
+    """
+    if not isinstance(raw, str) or not ID_DIGITS.fullmatch(raw):
+        return None
+    value = int(raw)
+    return value if value <= MAX_ID else None
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
