@@ -22,52 +22,57 @@ class Counts:
         self.last_at = 0.0
 
 
-def make_app() -> web.Application:
+def make_handler() -> web.Server:
+    """aiohttp's low-level server: no router or middleware between the socket and us."""
     counts = Counts()
+    ok = b""
 
-    async def deliver(request: web.Request) -> web.Response:
-        body = await request.read()
-        now = time.time()
-        if counts.received == 0:
-            counts.first_at = now
-        counts.received += 1
-        counts.last_at = now
-        if body[:5] == b'{"t":':
-            counts.latencies.append(now - orjson.loads(body)["t"])
-        return web.Response(status=200)
-
-    async def stats(request: web.Request) -> web.Response:
-        return web.Response(
-            body=orjson.dumps(
-                {
+    async def handle(request: web.BaseRequest) -> web.Response:
+        path = request.path
+        if path == "/deliver":
+            body = await request.read()
+            now = time.time()
+            if counts.received == 0:
+                counts.first_at = now
+            counts.received += 1
+            counts.last_at = now
+            if body[:5] == b'{"t":':
+                counts.latencies.append(now - orjson.loads(body)["t"])
+            return web.Response(body=ok)
+        if path == "/stats":
+            return web.Response(
+                body=orjson.dumps({
                     "received": counts.received,
                     "first_at": counts.first_at,
                     "last_at": counts.last_at,
                     "latencies": counts.latencies if "latencies" in request.query else [],
-                }
-            ),
-            content_type="application/json",
-        )
+                }),
+                content_type="application/json",
+            )
+        if path == "/reset":
+            counts.__init__()  # type: ignore[misc]
+            return web.Response(status=204)
+        return web.Response(status=404)
 
-    async def reset(request: web.Request) -> web.Response:
-        counts.__init__()  # type: ignore[misc]
-        return web.Response(status=204)
+    return web.Server(handle)
 
-    app = web.Application()
-    app.router.add_post("/deliver", deliver)
-    app.router.add_get("/stats", stats)
-    app.router.add_post("/reset", reset)
-    return app
+
+async def serve(port: int) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(make_handler(), "127.0.0.1", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    import uvloop
+    from ap4k.core.logs import run_async
 
-    uvloop.install()
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    run_async(serve(args.port))
 
 
 if __name__ == "__main__":

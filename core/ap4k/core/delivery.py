@@ -107,6 +107,8 @@ class Deliverer:
         self._max_connections = max_connections
         self._guarded: aiohttp.ClientSession | None = None
         self._open: aiohttp.ClientSession | None = None
+        self._urls: dict[str, tuple[URL, bool]] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _session(self, guarded: bool) -> aiohttp.ClientSession:
         if guarded:
@@ -138,6 +140,18 @@ class Deliverer:
                 await session.close()
         self._guarded = self._open = None
 
+    def _parse(self, target: str) -> tuple[URL, bool]:
+        """The parsed URL and whether its host is a literal blocked address (cached: a
+        queue's deliveries mostly go to a handful of targets)."""
+        hit = self._urls.get(target)
+        if hit is None:
+            url = URL(target)
+            hit = (url, is_blocked_address(url.host or ""))
+            if len(self._urls) > 10_000:
+                self._urls.clear()
+            self._urls[target] = hit
+        return hit
+
     async def deliver(self, d: Delivery) -> Outcome:
         started = time.perf_counter()
         headers = {
@@ -155,16 +169,20 @@ class Deliverer:
             headers["Ap4k-Signature"] = sign(d.signing_secret, timestamp, body)
         guarded = not d.explicitly_allowed
         try:
-            if guarded:
-                host = URL(d.target).host or ""
-                if is_blocked_address(host):
-                    raise BlockedAddressError(f"{host} is a link-local or metadata address")
+            url, blocked = self._parse(d.target)
+            if guarded and blocked:
+                raise BlockedAddressError(f"{url.host} is a link-local or metadata address")
+            timeout = self._timeouts.get(d.timeout_seconds)
+            if timeout is None:
+                timeout = self._timeouts[d.timeout_seconds] = aiohttp.ClientTimeout(
+                    total=d.timeout_seconds
+                )
             async with self._session(guarded).request(
                 d.method,
-                d.target,
+                url,
                 data=body if d.method not in ("GET", "HEAD") or body else None,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=d.timeout_seconds),
+                timeout=timeout,
                 allow_redirects=False,
             ) as response:
                 # Read (and drop) the answer so that the connection can be reused.

@@ -48,7 +48,7 @@ class ServerSettings:
     drain_grace_seconds: float = 10.0
     lease_seconds: float = 30.0
     migrate: bool = True
-    pool_size: int = 12
+    pool_size: int = 8
 
 
 class Server:

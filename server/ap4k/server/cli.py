@@ -83,9 +83,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         serve,
         "--pool-size",
         env_name="POOL_SIZE",
-        default=12,
+        default=8,
         cast=int,
-        help="PostgreSQL connections of this process",
+        help="PostgreSQL connections per pool (two pools: enqueue, dispatch)",
     )
     add_flag(
         serve,

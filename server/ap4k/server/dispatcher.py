@@ -73,6 +73,7 @@ class DispatcherPool:
     def start(self) -> None:
         if self.size <= 0:
             return
+        metrics.DISPATCHERS_IN_FLIGHT.set_function(lambda: len(self._in_flight))
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._lease_loop(), name="ap4k-leaser"))
         for i in range(self.size):
@@ -182,11 +183,9 @@ class DispatcherPool:
             task = asyncio.current_task()
             assert task is not None
             self._in_flight[task] = delivery
-            metrics.DISPATCHERS_IN_FLIGHT.inc()
             try:
                 outcome = await self.deliverer.deliver(delivery)
             finally:
-                metrics.DISPATCHERS_IN_FLIGHT.dec()
                 self._in_flight.pop(task, None)
             self._outstanding -= 1
             self._capacity.set()

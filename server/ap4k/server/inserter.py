@@ -24,7 +24,7 @@ class Inserter:
         self,
         store: Store,
         on_committed: Callable[[Sequence[EnqueueRow], list[tuple[int, str, bool]]], None],
-        concurrency: int = 4,
+        concurrency: int = 2,
     ) -> None:
         self._store = store
         self._on_committed = on_committed

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: MetricWrapperBase, *labels: str) -> Any:
+    """`metric.labels(*labels)`, memoised: `labels()` takes a lock and builds a tuple on
+    every call, and the delivery path calls it for every message."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
 
 LATENCY_BUCKETS = (
     0.001,

@@ -85,25 +85,48 @@ EnqueueRow = tuple[
 ]
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """No reset query on release: we keep no session state, and the reset round trip
+    (RESET ALL; UNLISTEN *; …) would cost as much as the statement it follows."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """Two pools on one database. Enqueues (and the API) commit durably: a 202 means the
+    message is on disk. Leases, outcomes and upkeep commit with synchronous_commit off:
+    losing the last few hundred milliseconds of those in a crash only means a message is
+    leased again or delivered again — at-least-once allows that — and it takes an fsync
+    off the delivery path."""
+
+    def __init__(self, pool: asyncpg.Pool, dispatch_pool: asyncpg.Pool | None = None) -> None:
         self.pool = pool
+        self.dispatch_pool = dispatch_pool or pool
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 16) -> Store:
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            # Our statements are few and hot: keep them prepared.
-            statement_cache_size=256,
-            server_settings={"application_name": "ap4k"},
-        )
-        assert pool is not None
-        return cls(pool)
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 8) -> Store:
+        async def create(synchronous_commit: str) -> asyncpg.Pool:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                connection_class=_Connection,
+                statement_cache_size=256,
+                server_settings={
+                    "application_name": "ap4k",
+                    "synchronous_commit": synchronous_commit,
+                },
+            )
+            assert pool is not None
+            return pool
+
+        return cls(await create("on"), await create("off"))
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.dispatch_pool is not self.pool:
+            await self.dispatch_pool.close()
 
     async def migrate(self) -> list[int]:
         async with self.pool.acquire() as conn:
@@ -135,7 +158,7 @@ class Store:
         floor: int,
         cover_timeout: bool,
     ) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
                 queries.LEASE, queue, limit, leased_by, lease_seconds, floor, cover_timeout
             )
@@ -150,23 +173,32 @@ class Store:
         retry_afters: Sequence[float | None],
         errors: Sequence[str | None],
     ) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
                 queries.RECORD_OUTCOMES, ids, attempts, verdicts, retry_afters, errors, leased_by
+            )
+            return rows
+
+    async def complete(
+        self, leased_by: str, ids: Sequence[int], attempts: Sequence[int]
+    ) -> list[asyncpg.Record]:
+        async with self.dispatch_pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                queries.COMPLETE, ids, attempts, leased_by
             )
             return rows
 
     async def release(
         self, leased_by: str, ids: Sequence[int], attempts: Sequence[int]
     ) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(queries.RELEASE, ids, attempts, leased_by)
             return rows
 
     async def extend(
         self, leased_by: str, ids: Sequence[int], attempts: Sequence[int], seconds: float
     ) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
                 queries.EXTEND, ids, attempts, leased_by, seconds
             )
@@ -175,21 +207,21 @@ class Store:
     # -- maintenance ----------------------------------------------------------------------
 
     async def rescue_expired(self) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(queries.RESCUE_EXPIRED)
             return rows
 
     async def promote_due(self) -> list[str]:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             return [r["queue"] for r in await conn.fetch(queries.PROMOTE_DUE)]
 
     async def seconds_until_next_due(self) -> float | None:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             value: float | None = await conn.fetchval(queries.SECONDS_UNTIL_NEXT_DUE)
             return value
 
     async def prune_finished(self, older_than_seconds: float) -> int:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             status: str = await conn.execute(queries.PRUNE_FINISHED, older_than_seconds)
         return int(status.split()[-1])
 
@@ -208,7 +240,7 @@ class Store:
         return out
 
     async def notify(self, channel: str, payload: str) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.dispatch_pool.acquire() as conn:
             await conn.execute(queries.NOTIFY, channel, payload)
 
     # -- messages -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ap4k.server.store import Store
 log = logging.getLogger("ap4k.wakeups")
 
 SETTINGS_CHANNEL = "ap4k_settings"
+NOTIFY_INTERVAL_SECONDS = 0.005
 
 
 class Wakeups:
@@ -63,6 +64,8 @@ class Wakeups:
             except (OSError, asyncpg.PostgresError) as exc:
                 log.debug("notify failed (polling covers it): %s", exc)
                 await asyncio.sleep(0.5)
+            # At most one NOTIFY every few milliseconds, whatever the enqueue rate.
+            await asyncio.sleep(NOTIFY_INTERVAL_SECONDS)
 
     async def run_listener(self, dsn: str, on_settings_changed: Callable[[str], None]) -> None:
         """LISTEN on a dedicated connection; reconnect when PostgreSQL goes away."""
