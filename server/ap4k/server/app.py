@@ -48,6 +48,8 @@ class ServerSettings:
     drain_grace_seconds: float = 10.0
     lease_seconds: float = 30.0
     migrate: bool = True
+    prune_interval_seconds: float = 60.0
+    gauges_interval_seconds: float = 5.0
     pool_size: int = 8
 
 
@@ -70,7 +72,13 @@ class Server:
             await store.migrate()
         self.wakeups = wakeups = Wakeups()
         self.directory = directory = QueueDirectory(store)
-        self.maintenance = Maintenance(store, wakeups, retention_seconds=s.retention_seconds)
+        self.maintenance = Maintenance(
+            store,
+            wakeups,
+            retention_seconds=s.retention_seconds,
+            prune_interval=s.prune_interval_seconds,
+            gauges_interval=s.gauges_interval_seconds,
+        )
         self.recorder = OutcomeRecorder(store, wakeups, self.maintenance.poke_scheduler)
         self.leaser = Leaser(store, directory, self.recorder)
         self.dispatchers = DispatcherPool(
