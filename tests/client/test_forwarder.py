@@ -4,6 +4,7 @@ rolled-back ones never, through outages, SIGKILLs and concurrent forwarders."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -348,3 +349,39 @@ async def test_cli_forwarder_exports_its_backlog(
         process.terminate()
         assert process.wait(timeout=20) == 0, tail(log)
     assert await backlog(app_db) == 7
+
+
+async def test_cli_forwarder_waits_for_its_database(
+    postgres: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """Started before the application's database exists, `ap4k forward` keeps trying (not
+    ready meanwhile) and comes up once it does, creating the outbox table itself."""
+    url = postgres.database_url("late_app")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AP4K_")}
+    log = tmp_path / "forward.log"
+    process = spawn(
+        ["forward", "--outbox-url", url, "--server", f"http://127.0.0.1:{free_port()}",
+         "--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--max-backoff", "0.3"],
+        log,
+        env,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 30
+            while True:  # alive, not ready
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        assert response.status == 503
+                        break
+                assert process.poll() is None, tail(log)
+                assert time.monotonic() < deadline, tail(log)
+                await asyncio.sleep(0.1)
+            conn = await asyncpg.connect(postgres.url)
+            await conn.execute('CREATE DATABASE "late_app"')
+            await conn.close()
+            await wait_ready(f"http://127.0.0.1:{port}", 30, process, log)
+        assert await backlog(url) == 0  # the table exists: the forwarder created it
+    finally:
+        process.terminate()
+        assert process.wait(timeout=20) == 0, tail(log)

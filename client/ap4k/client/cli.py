@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -172,7 +173,8 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
     from aiohttp import web
     from prometheus_client.aiohttp import make_aiohttp_handler
 
-    from ap4k.outbox.forwarder import Forwarder
+    from ap4k.client.retry import RetryPolicy
+    from ap4k.outbox.forwarder import DATABASE_ERRORS, Forwarder
 
     forwarder = Forwarder(
         url,
@@ -208,10 +210,24 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    log = logging.getLogger("ap4k.outbox.forwarder")
+    backoff = RetryPolicy(min_backoff_seconds=0.5, max_backoff_seconds=args.max_backoff)
+    failures = 0
     try:
-        await forwarder.start()
+        # The database may not be reachable yet (a pod starting before it): keep trying,
+        # with /healthz up and /readyz saying 503, rather than crash-looping.
+        while not stop.is_set():
+            try:
+                await forwarder.start()
+                break
+            except DATABASE_ERRORS as exc:
+                failures += 1
+                delay = backoff.backoff(min(failures, 20))
+                log.warning("cannot open the outbox (%r); retrying in %.1fs", exc, delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
         await stop.wait()
-        logging.getLogger("ap4k.outbox.forwarder").info("stopping")
+        log.info("stopping")
     finally:
         await forwarder.stop()
         if runner is not None:
