@@ -48,8 +48,10 @@ def test_server_deployment() -> None:
     assert c["image"] == "registry.test/ap4k:9.9.9"  # the operator's own image by default
     assert c["imagePullPolicy"] == "Always"
     assert c["args"] == ["serve", "--host", "0.0.0.0", "--port", "7438", "--dispatchers", "0"]
-    assert c["env"] == [{"name": "AP4K_DATABASE_URL",
-                         "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}}]
+    assert c["env"] == [
+        {"name": "AP4K_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}},
+        {"name": "AP4K_LOG_FORMAT", "value": "json"},
+    ]
     assert c["ports"] == [{"name": "http", "containerPort": 7438, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -106,7 +108,7 @@ def test_carrier_deployment() -> None:
     assert c["ports"][0]["containerPort"] == 7439
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "7439"
     # Carriers hold no database credentials.
-    assert "env" not in c
+    assert c["env"] == [{"name": "AP4K_LOG_FORMAT", "value": "json"}]
 
 
 def test_scrape_annotations_and_pull_secrets_follow_the_operator_settings() -> None:

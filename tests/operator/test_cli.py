@@ -56,7 +56,7 @@ async def test_ap4k_operator_runs_and_serves_health_and_metrics(cluster: Any) ->
         "AP4K_OPERATOR_SERVER_URL_TEMPLATE": "http://127.0.0.1:9",
         "AP4K_OPERATOR_IMAGE": "example.test/ap4k:cli",
         "AP4K_METRICS_PORT": str(port),
-        "AP4K_LOG_JSON": "true",
+        "AP4K_LOG_FORMAT": "json",
     }
     process = subprocess.Popen(  # noqa: ASYNC220  (returns at once)
         [sys.executable, "-m", "ap4k.cli", "operator", "--namespace", cluster.NAMESPACE],
@@ -91,7 +91,7 @@ async def test_ap4k_operator_runs_and_serves_health_and_metrics(cluster: Any) ->
         process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.to_thread(process.communicate, timeout=30)
     assert process.returncode == 0, output.decode(errors="replace")[-3000:]
-    # JSON log lines (--log-json through AP4K_LOG_JSON).
+    # JSON log lines (--log-format through AP4K_LOG_FORMAT).
     assert b'"message":' in output or b'"message": ' in output
 
 

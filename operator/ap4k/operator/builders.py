@@ -154,6 +154,7 @@ def build_server_deployment(spec: AsyncQueueSpec, config: OperatorConfig) -> Bod
                     "secretKeyRef": {"name": spec.database.secret_name, "key": spec.database.key}
                 },
             },
+            {"name": "AP4K_LOG_FORMAT", "value": config.pod_log_format},
         ],
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "livenessProbe": _http_probe("/healthz", "http", period=10, failures=3),
@@ -201,6 +202,7 @@ def build_carrier_deployment(spec: AsyncQueueSpec, config: OperatorConfig, repli
             "--concurrency", str(spec.carriers.concurrency),
             "--metrics-port", str(CARRIER_METRICS_PORT),
         ],
+        "env": [{"name": "AP4K_LOG_FORMAT", "value": config.pod_log_format}],
         "ports": [{"name": "metrics", "containerPort": CARRIER_METRICS_PORT, "protocol": "TCP"}],
         "livenessProbe": _http_probe("/healthz", "metrics", period=10, failures=3),
         "readinessProbe": _http_probe("/healthz", "metrics", period=10, failures=2),

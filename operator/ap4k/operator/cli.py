@@ -33,10 +33,10 @@ def register(subparsers: Any) -> None:
     add_flag(parser, "--image", env_name="OPERATOR_IMAGE", default=None,
              help="image of servers and carriers when an AsyncQueue sets none "
                   "(default: the operator's own image)")
-    add_flag(parser, "--log-level", env_name="LOG_LEVEL", default="INFO",
-             help="DEBUG, INFO, WARNING or ERROR")
-    add_flag(parser, "--log-json", env_name="LOG_JSON", default=False, cast=bool,
-             help="write logs as JSON lines")
+    add_flag(parser, "--log-level", env_name="LOG_LEVEL", default="info",
+             help="debug, info, warning or error")
+    add_flag(parser, "--log-format", env_name="LOG_FORMAT", default="text",
+             help="text or json (JSON lines, for log collectors)")
     parser.set_defaults(func=run)
 
 
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ap4k operator: give --namespace NAME (repeatable) or --all-namespaces")
     if namespaces and args.all_namespaces:
         raise SystemExit("ap4k operator: --namespace and --all-namespaces exclude each other")
+    if args.log_format not in ("text", "json"):
+        raise SystemExit(f"ap4k operator: --log-format is text or json, not {args.log_format!r}")
 
     settings = config.OperatorConfig.from_env()
     settings = dataclasses.replace(
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     kopf.configure(
         verbose=level <= logging.DEBUG,
         quiet=level >= logging.WARNING,
-        log_format=kopf.LogFormat.JSON if args.log_json else kopf.LogFormat.FULL,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
     logging.getLogger().setLevel(level)
 

@@ -38,6 +38,8 @@ class OperatorConfig:
     image: str = dataclasses.field(default_factory=_default_image)
     # Secrets for pulling that image, added to every server and carrier pod.
     image_pull_secrets: tuple[str, ...] = ()
+    # AP4K_LOG_FORMAT of the server and carrier containers (text or json).
+    pod_log_format: str = "json"
     # Add prometheus.io/{scrape,port,path} annotations to the server and carrier pods.
     scrape_annotations: bool = True
     # How the operator reaches an AsyncQueue's server ({name}, {namespace} are filled in). The
@@ -63,6 +65,7 @@ class OperatorConfig:
             image=env("OPERATOR_IMAGE", None) or _default_image(),
             image_pull_secrets=_split(env("OPERATOR_IMAGE_PULL_SECRETS", "")),
             scrape_annotations=env("OPERATOR_SCRAPE_ANNOTATIONS", True, bool),
+            pod_log_format=env("OPERATOR_POD_LOG_FORMAT", "json"),
             server_url_template=env("OPERATOR_SERVER_URL_TEMPLATE", DEFAULT_SERVER_URL_TEMPLATE),
             kubernetes_url=env("OPERATOR_KUBERNETES_URL", None),
             scanning=env("OPERATOR_SCANNING", True, bool),
