@@ -20,8 +20,10 @@ annotations. Prometheus Operator monitors for the children come from this chart 
   value: {{ include "ap4k.operator.metricsPort" . | quote }}
 - name: AP4K_LOG_LEVEL
   value: {{ .Values.operator.logLevel | quote }}
-- name: AP4K_LOG_JSON
-  value: {{ .Values.operator.logJson | toString | quote }}
+- name: AP4K_LOG_FORMAT
+  value: {{ .Values.operator.logFormat | quote }}
+- name: AP4K_OPERATOR_POD_LOG_FORMAT
+  value: {{ .Values.operator.podLogFormat | quote }}
 {{- end }}
 
 {{/*
