@@ -7,6 +7,7 @@ generation, resourceVersion), and a spec change bumps the generation by hand.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -262,3 +263,29 @@ async def test_operator_serves_metrics_and_healthz(cluster: Any, run_operator: A
 
         text = await cluster.eventually(reconciled, what="the reconciliation counter")
         assert "ap4k_operator_metric_errors_total" in text
+
+
+async def test_deleting_the_asyncqueue_lets_its_children_go(
+    cluster: Any, run_operator: Any
+) -> None:
+    async with run_operator(settings(cluster)) as runner:
+        await cluster.create(asyncqueue())
+        await cluster.eventually(lambda: cluster.get(DEPLOYMENTS, "orders-carrier"))
+        await cluster.eventually(
+            lambda: "ap4k.dev/operator" in cluster.get(AQ, "orders")["metadata"]["finalizers"],
+            what="kopf's finalizer (for the autoscaling daemon)",
+        )
+        await cluster.delete(f"{AQ_PATH}/orders")
+        # The daemon stops and kopf releases the object.
+        await cluster.eventually(lambda: cluster.get(AQ, "orders") is None,
+                                 what="the AsyncQueue gone")
+        # What Kubernetes' garbage collector does next (kmock has none): the owned children
+        # go, and the operator must not bring them back.
+        await cluster.delete(f"{SERVICE_PATH}/orders")
+        await cluster.delete(f"{DEPLOY_PATH}/orders-server")
+        await cluster.delete(f"{DEPLOY_PATH}/orders-carrier")
+        await asyncio.sleep(1.5)
+        assert cluster.get(SERVICES, "orders") is None
+        assert cluster.get(DEPLOYMENTS, "orders-server") is None
+        assert cluster.get(DEPLOYMENTS, "orders-carrier") is None
+    assert "Daemon 'autoscale_carriers' succeeded" in runner.output
