@@ -7,7 +7,7 @@ One round (`forward_batch`), in one transaction of the outbox database:
 2. hold back rows whose ordering key has an older row outside the batch (held by someone
    else), so that messages sharing an ordering key reach the server in outbox order;
 3. POST them, per queue, as `{"messages": [...]}` with `dedup_key` = this outbox's identity
-   + the row id (unless the application set its own key);
+   + the row id (unless the application set its own key) — see `relay.py`;
 4. delete the acknowledged rows and commit.
 
 A forwarder killed anywhere in between loses nothing: PostgreSQL rolls the claim back and
@@ -27,17 +27,16 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 
 from ap4k.client.async_client import AsyncClient
 from ap4k.client.errors import ApiError, ServerUnavailable
-from ap4k.client.models import JSON
 from ap4k.client.retry import RetryPolicy
 from ap4k.outbox import metrics, schema, sql
+from ap4k.outbox.relay import Relay, Row
 
 logger = logging.getLogger("ap4k.outbox.forwarder")
 
@@ -47,10 +46,6 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
 )
-
-# A 4xx with these statuses is about the forwarder's setup (token, URL), not one message:
-# back off and keep the rows rather than reject them all.
-SETUP_ERROR_STATUSES = frozenset({401, 404, 405})
 
 
 @dataclass(slots=True)
@@ -66,23 +61,6 @@ class OutboxStats:
     backlog: int
     rejected: int
     oldest_age_seconds: float
-
-
-@dataclass(slots=True)
-class _Row:
-    id: int
-    queue: str
-    message: str
-    ordering_key: str | None
-    delay_seconds: float
-
-
-@dataclass(slots=True)
-class _Outcome:
-    acked: list[int] = field(default_factory=list)
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    # Why the rest was not sent (server down, setup error); what was acked still counts.
-    error: Exception | None = None
 
 
 class Forwarder:
@@ -141,7 +119,7 @@ class Forwarder:
         self._claim_timeout_ms = int((2 * request_timeout + 30) * 1000)
         self._backoff = RetryPolicy(min_backoff_seconds=0.1, max_backoff_seconds=max_backoff)
         self._pool: Any = None
-        self._key_prefix = ""
+        self._relay = Relay(self._client, "", max_request_bytes)
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeups: list[asyncio.Event] = []
         self._workers: list[str] = []
@@ -186,7 +164,7 @@ class Forwarder:
             raise
         if identity is None:
             raise RuntimeError("the outbox has no identity row: run `ap4k outbox init`")
-        self._key_prefix = f"outbox:{identity}:"
+        self._relay = Relay(self._client, f"outbox:{identity}:", self.max_request_bytes)
         self._wakeups = [asyncio.Event() for _ in range(self.concurrency)]
         instance = uuid.uuid4().hex[:12]
         self._workers = [f"{instance}-{n}" for n in range(self.concurrency)]
@@ -262,11 +240,11 @@ class Forwarder:
             result.claimed = len(records)
             if not records:
                 return result
-            rows = [_Row(r["id"], r["queue"], r["message"], r["ordering_key"],
+            rows = [Row(r["id"], r["queue"], r["message"], r["ordering_key"],
                          r["delay_seconds"]) for r in records]
             rows = await self._hold_back_overtaking(conn, rows)
             result.held_back = result.claimed - len(rows)
-            outcome, error = await self._send(rows)
+            outcome = await self._relay.send(rows)
             if outcome.acked:
                 await conn.execute(sql.DELETE_FORWARDED, outcome.acked)
             if outcome.rejected:
@@ -283,11 +261,11 @@ class Forwarder:
             metrics.REJECTIONS.labels(queues[row_id]).inc()
             logger.warning("outbox row %d rejected by the server: %s", row_id, reason)
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
-        if error is not None:
-            raise error
+        if outcome.error is not None:
+            raise outcome.error
         return result
 
-    async def _hold_back_overtaking(self, conn: Any, rows: list[_Row]) -> list[_Row]:
+    async def _hold_back_overtaking(self, conn: Any, rows: list[Row]) -> list[Row]:
         last: dict[tuple[str, str], int] = {}
         for row in rows:
             if row.ordering_key is not None:
@@ -311,76 +289,6 @@ class Forwarder:
             r for r in rows
             if r.ordering_key is None or r.id < gaps.get((r.queue, r.ordering_key), r.id + 1)
         ]
-
-    async def _send(self, rows: list[_Row]) -> tuple[_Outcome, Exception | None]:
-        """POST the rows, per queue (queues concurrently), in outbox order within each."""
-        by_queue: dict[str, list[_Row]] = {}
-        for row in rows:
-            by_queue.setdefault(row.queue, []).append(row)
-        results = await asyncio.gather(
-            *(self._send_queue(queue, group) for queue, group in by_queue.items())
-        )
-        outcome = _Outcome()
-        for result in results:
-            outcome.acked.extend(result.acked)
-            outcome.rejected.extend(result.rejected)
-            outcome.error = outcome.error or result.error
-        return outcome, outcome.error
-
-    async def _send_queue(self, queue: str, rows: list[_Row]) -> _Outcome:
-        """POST one queue's rows in chunks that fit the server's body limit, in order; stop
-        at the first chunk that fails so that no later row overtakes it."""
-        outcome = _Outcome()
-        for chunk in self._chunks(rows):
-            try:
-                done = await self._send_chunk(queue, chunk)
-            except (ServerUnavailable, ApiError) as exc:
-                outcome.error = exc
-                break
-            outcome.acked.extend(done.acked)
-            outcome.rejected.extend(done.rejected)
-        return outcome
-
-    def _chunks(self, rows: list[_Row]) -> list[list[_Row]]:
-        chunks: list[list[_Row]] = []
-        current: list[_Row] = []
-        size = 0
-        for row in rows:
-            # The stored JSON's length is close to what goes on the wire (+ the dedup key).
-            row_size = len(row.message) + 100
-            if current and size + row_size > self.max_request_bytes:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(row)
-            size += row_size
-        if current:
-            chunks.append(current)
-        return chunks
-
-    async def _send_chunk(self, queue: str, rows: list[_Row]) -> _Outcome:
-        try:
-            await self._client.send_json_batch(queue, [self._payload(r) for r in rows])
-        except ApiError as exc:
-            if exc.status in SETUP_ERROR_STATUSES:
-                raise
-            if len(rows) == 1:
-                return _Outcome(rejected=[(rows[0].id, str(exc))])
-            # Which message is it? Split until found; the others go through (the server
-            # wrote nothing of a refused batch, so nothing is sent twice).
-            middle = len(rows) // 2
-            head = await self._send_chunk(queue, rows[:middle])
-            tail = await self._send_chunk(queue, rows[middle:])
-            return _Outcome(head.acked + tail.acked, head.rejected + tail.rejected)
-        return _Outcome(acked=[r.id for r in rows])
-
-    def _payload(self, row: _Row) -> dict[str, JSON]:
-        message: dict[str, JSON] = orjson.loads(row.message)
-        if message.get("dedup_key") is None:
-            message["dedup_key"] = f"{self._key_prefix}{row.id}"
-        if row.delay_seconds and row.delay_seconds > 0:
-            # What is left of the delay, by the outbox database's clock.
-            message["delay_seconds"] = round(row.delay_seconds, 3)
-        return message
 
     # -- background tasks -------------------------------------------------------------------
 
