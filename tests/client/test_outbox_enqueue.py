@@ -119,9 +119,12 @@ async def test_delays_become_absolute_times(app_conn: Any) -> None:
         await outbox.enqueue(app_conn, "q", "/a", delay_seconds=90)
         await outbox.enqueue(app_conn, "q", "/b", not_before=later)
         await outbox.enqueue_many(
-            app_conn, "q", [{"target": "/c", "delay_seconds": 30}, NewMessage("/d")]
+            app_conn, "q",
+            [{"target": "/c", "delay_seconds": 30}, NewMessage("/d"),
+             {"target": "/e", "not_before": "2031-01-02T03:04:05Z"}],
         )
-    delayed, absolute, many_delayed, immediate = await rows(app_conn)
+    delayed, absolute, many_delayed, immediate, from_text = await rows(app_conn)
+    assert from_text["not_before"] == later
     assert delayed["not_before"] == now + timedelta(seconds=90)
     assert absolute["not_before"] == later
     assert many_delayed["not_before"] == now + timedelta(seconds=30)
@@ -192,6 +195,8 @@ async def test_invalid_messages_are_refused_before_any_write(app_conn: Any) -> N
         await outbox.enqueue(app_conn, "", "/t")
     with pytest.raises(ValueError, match="timezone"):
         await outbox.enqueue(app_conn, "q", "/t", not_before=datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="unknown message field"):
+        await outbox.enqueue_many(app_conn, "q", [{"target": "/t", "prio": 1}])
     assert await outbox.enqueue_many(app_conn, "q", []) == []
     assert await rows(app_conn) == []
 

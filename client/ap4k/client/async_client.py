@@ -26,7 +26,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from ap4k.client.errors import ServerUnavailable, api_error
+from ap4k.client.errors import Ap4kError, ServerUnavailable, api_error
 from ap4k.client.models import (
     JSON,
     Cancelled,
@@ -184,10 +184,8 @@ class AsyncClient:
         )
         results = [Enqueued.from_json(item) for item in data["messages"]]
         if len(results) != len(payloads):
-            raise ServerUnavailable(
-                "the server answered a batch with the wrong number of results",
-                attempts=1,
-                last_error=f"sent {len(payloads)}, got {len(results)}",
+            raise Ap4kError(
+                f"the server answered a batch of {len(payloads)} with {len(results)} results"
             )
         return results
 
@@ -337,7 +335,7 @@ class AsyncClient:
 def _message_json(message: NewMessage | Mapping[str, JSON]) -> dict[str, JSON]:
     if isinstance(message, NewMessage):
         return message.to_json()
-    return NewMessage(**message).to_json()
+    return NewMessage.from_mapping(message).to_json()
 
 
 def _queue_path(queue: str, *parts: str) -> str:

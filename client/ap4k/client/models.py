@@ -6,6 +6,7 @@ optional ones default, so an old client keeps working against a new server.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -53,6 +54,17 @@ class NewMessage:
             raise ValueError("delay_seconds must not be negative")
         if self.not_before is not None and self.not_before.tzinfo is None:
             raise ValueError("not_before must be timezone-aware")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, JSON]) -> NewMessage:
+        """A message from a dict of the API's fields (`not_before` may be an ISO string)."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown message field(s): {', '.join(sorted(unknown))}")
+        fields = dict(data)
+        if isinstance(fields.get("not_before"), str):
+            fields["not_before"] = parse_time(fields["not_before"])
+        return cls(**fields)
 
     def to_json(self) -> dict[str, JSON]:
         """The request body the server takes; unset fields are left for its defaults."""

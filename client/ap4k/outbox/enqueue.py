@@ -53,7 +53,7 @@ def to_row(queue: str, message: NewMessage | Mapping[str, JSON]) -> Row:
     if not isinstance(queue, str) or not queue:
         raise ValueError("queue must be a non-empty string")
     if not isinstance(message, NewMessage):
-        message = NewMessage(**message)
+        message = NewMessage.from_mapping(message)
     payload = message.to_json()
     # The delay is stored as an absolute time (see the table's comments), not in the JSON.
     payload.pop("delay_seconds", None)
