@@ -89,31 +89,31 @@ async def observe(rt: Runtime, spec: AsyncQueueSpec, config: OperatorConfig) -> 
 def _record(state: QueueState, spec: AsyncQueueSpec, obs: Observation) -> None:
     if obs.reachable:
         set_condition(state, conditions.SERVER_REACHABLE, "True", "Answering",
-             f"{endpoint(spec.name, spec.namespace)} answers")
+                      f"{endpoint(spec.name, spec.namespace)} answers")
     else:
         set_condition(state, conditions.SERVER_REACHABLE, "False", "Unreachable", obs.server_error)
     if not spec.queues:
         set_condition(state, conditions.QUEUES_CONFIGURED, "True", "NoQueuesDeclared",
-             "the resource declares no queue settings")
+                      "the resource declares no queue settings")
     elif obs.rejected:
         set_condition(state, conditions.QUEUES_CONFIGURED, "False", "Rejected",
-             "the server refused: " + "; ".join(obs.rejected))
+                      "the server refused: " + "; ".join(obs.rejected))
     elif obs.reachable and obs.configured == len(spec.queues):
         set_condition(state, conditions.QUEUES_CONFIGURED, "True", "Applied",
-             f"{obs.configured} queue(s) configured on the server")
+                      f"{obs.configured} queue(s) configured on the server")
     else:
         set_condition(state, conditions.QUEUES_CONFIGURED, "False", "Pending",
-             "waiting for the server to answer")
+                      "waiting for the server to answer")
     if obs.backlog is None:
         set_condition(state, conditions.METRICS_AVAILABLE, "False", "MetricsUnavailable",
-             f"{obs.metric_error}; carriers stay where they are")
+                      f"{obs.metric_error}; carriers stay where they are")
     else:
         if spec.carriers.metric.type == "Prometheus":
             source, origin = "PrometheusQuery", "the Prometheus query"
         else:
             source, origin = "ServerStats", "the server's queue stats"
         set_condition(state, conditions.METRICS_AVAILABLE, "True", source,
-             f"backlog {obs.backlog:g} from {origin}")
+                      f"backlog {obs.backlog:g} from {origin}")
 
 
 async def autoscale_once(
@@ -126,7 +126,7 @@ async def autoscale_once(
         return
     obs = await observe(rt, spec, current())
     async with state.lock:
-        if state.spec is not spec or state.scaler is None:
+        if state.spec != spec or state.scaler is None:
             return  # the spec changed meanwhile: the next poll uses the new one
         _record(state, spec, obs)
         if obs.backlog is None:

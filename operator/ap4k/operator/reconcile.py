@@ -90,16 +90,16 @@ async def reconcile(
             raise kopf.TemporaryError(f"applying the children failed: {exc}", delay=10) from exc
 
         set_condition(state, conditions.RECONCILED, "True", "Applied",
-             "the server and carrier Deployments and the Service match the spec")
+                      "the server and carrier Deployments and the Service match the spec")
         if not spec.queues:
             set_condition(state, conditions.QUEUES_CONFIGURED, "True", "NoQueuesDeclared",
-                 "the resource declares no queue settings")
+                          "the resource declares no queue settings")
         elif state.conditions.get(conditions.QUEUES_CONFIGURED, None) is None:
             set_condition(state, conditions.QUEUES_CONFIGURED, "False", "Pending",
-                 "waiting for the server to answer")
+                          "waiting for the server to answer")
         if conditions.SERVER_REACHABLE not in state.conditions:
             set_condition(state, conditions.SERVER_REACHABLE, "Unknown", "Pending",
-                 "the server has not been contacted yet")
+                          "the server has not been contacted yet")
         await write_status(rt.kube, state)
         changed = [outcome for outcome in outcomes if outcome != "unchanged"]
         metrics.RECONCILIATIONS.labels("applied" if changed else "unchanged").inc()
