@@ -1,5 +1,6 @@
-"""Fixtures of the client tests: a real PostgreSQL, real `ap4k serve` processes, and real
-aiohttp targets on 127.0.0.1 that count what they receive."""
+"""Fixtures of the client tests: real `ap4k serve` processes, real aiohttp targets on
+127.0.0.1 that count what they receive, and fresh databases (the applications' and ap4k's)
+in the session's PostgreSQL (the `postgres` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,24 +33,6 @@ _names = itertools.count()
 
 SERVER_AVAILABLE = importlib.util.find_spec("ap4k.server.cli") is not None
 needs_server = pytest.mark.skipif(not SERVER_AVAILABLE, reason="`ap4k serve` is not built yet")
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[EmbeddedPostgres]:
-    """One PostgreSQL cluster for the session; each test gets its own databases in it.
-
-    Its directory is not one of pytest's numbered temporary directories: a concurrent
-    pytest run prunes those, which would pull the data directory from under the cluster.
-    """
-    base = Path(tempfile.mkdtemp(prefix="ap4k-client-pg-"))
-    pg = EmbeddedPostgres(base / "data")
-    pg.init()
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def create_database(pg: EmbeddedPostgres, prefix: str) -> str:
