@@ -563,14 +563,12 @@ def assert_error(status: int, content_type: str, data: Any, case: Case) -> None:
     assert error["message"], error
 
 
-# Bad input that the server does not yet answer with a 4xx (api.py, not validation.py).
-# Each row says what the answer should be; strict, so a fix turns them into failures
-# until the xfail is removed.
+# Bad input that once got a 5xx from api.py: kept as regression rows, with what went wrong.
 UNICODE_DIGITS = "bug: str.isdigit() accepts '²', then int() raises: a 500, not a 4xx"
 NUL_IN_TEXT = "bug: PostgreSQL text cannot hold NUL; the query fails and the API says 503"
 KNOWN_BUGS = [
-    pytest.param(case, marks=pytest.mark.xfail(reason=reason, strict=True), id=case.id)
-    for case, reason in [
+    pytest.param(case, id=case.id)
+    for case, _reason in [
         (
             carrier(
                 "ack-outcome-object",
@@ -706,11 +704,6 @@ async def test_bad_input_is_refused_and_stores_nothing(shared: Shared, case: Cas
     assert await table_counts(shared.database_url) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in api.py errors_middleware: it turns aiohttp's HTTPMethodNotAllowed into a "
-    "JSON 405 but drops the exception's Allow header (RFC 9110 requires it)",
-)
 async def test_405_names_the_allowed_methods(shared: Shared) -> None:
     async with shared.api.session.request(
         "PATCH", shared.api.base_url + "/v1/queues/existing"

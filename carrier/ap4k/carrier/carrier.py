@@ -262,7 +262,7 @@ class Carrier:
                 "attempt": delivery.attempt,
                 "queue": delivery.queue,
                 "outcome": outcome.verdict.value,
-                "error": outcome.error,
+                "error": None if outcome.error is None else outcome.error.replace("\x00", ""),
                 "retry_after": outcome.retry_after,
                 "duration_seconds": outcome.duration,
             }

@@ -30,8 +30,10 @@ from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
 from ap4k.server.store import QueueDepth, QueueSettings, Store
 from ap4k.server.validation import (
+    QUEUE_NAME,
     check_queue_name,
     parse_enqueue,
+    parse_id,
     parse_json,
     parse_settings,
 )
@@ -83,7 +85,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return json_response(ApiError(exc.status, code, exc.reason).body(), exc.status)
+        response = json_response(ApiError(exc.status, code, exc.reason).body(), exc.status)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except asyncpg.DataError as exc:
+        # A value PostgreSQL refuses (validation should have caught it): the request is at
+        # fault, and retrying it would never help.
+        return json_response(ApiError(400, "invalid_value", str(exc)).body(), 400)
     except DB_ERRORS as exc:
         log.warning("database unavailable: %s", exc)
         body = ApiError(503, "unavailable", "the database is unavailable; retry later").body()
@@ -128,10 +137,10 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> Any:
 
 
 def _message_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not raw.isdigit() or int(raw) > MAX_ID:
+    msg_id = parse_id(request.match_info["id"])
+    if msg_id is None:
         raise not_found("message")
-    return int(raw)
+    return msg_id
 
 
 def _iso(value: Any) -> str | None:
@@ -291,12 +300,13 @@ async def list_dead(request: web.Request) -> web.Response:
     queue = await _existing_queue(request)
     limit_raw = request.query.get("limit", "100")
     after_raw = request.query.get("after", "0")
-    if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 1000:
+    limit = parse_id(limit_raw)
+    if limit is None or not 1 <= limit <= 1000:
         raise invalid("limit", "limit must be an integer from 1 to 1000")
-    if not after_raw.isdigit() or int(after_raw) > MAX_ID:
+    after = parse_id(after_raw)
+    if after is None:
         raise invalid("after", "after must be a message id")
-    limit = int(limit_raw)
-    records = await _services(request).store.list_dead(queue, int(after_raw), limit)
+    records = await _services(request).store.list_dead(queue, after, limit)
     next_cursor = str(records[-1]["id"]) if len(records) == limit else None
     return json_response({"messages": [message_json(r) for r in records], "next": next_cursor})
 
@@ -313,10 +323,10 @@ def _ids(data: Any) -> list[int] | None:
         raise invalid("ids", "ids must be an array of at most 10,000 message ids")
     out = []
     for value in ids:
-        text = str(value) if type(value) in (int, str) else ""
-        if not text.isdigit() or int(text) > MAX_ID:
+        msg_id = parse_id(str(value) if type(value) in (int, str) else None)
+        if msg_id is None:
             raise invalid("ids", f"{value!r} is not a message id")
-        out.append(int(text))
+        out.append(msg_id)
     return out
 
 
@@ -340,7 +350,7 @@ async def purge_dead(request: web.Request) -> web.Response:
 
 def _carrier(data: dict[str, Any]) -> str:
     carrier = data.get("carrier")
-    if not isinstance(carrier, str) or not 1 <= len(carrier) <= 200:
+    if not isinstance(carrier, str) or not 1 <= len(carrier) <= 200 or not carrier.isprintable():
         raise invalid("carrier", "carrier must be the carrier's id: a string of 1-200 characters")
     return f"carrier:{carrier}"
 
@@ -363,11 +373,12 @@ def _leases(data: dict[str, Any], field: str = "leases") -> tuple[list[int], lis
         if not isinstance(item, dict):
             raise invalid(field, f"each of {field} is an object {{id, attempt}}")
         msg_id, attempt = item.get("id"), item.get("attempt")
-        if not isinstance(msg_id, str) or not msg_id.isdigit() or int(msg_id) > MAX_ID:
+        parsed = parse_id(msg_id)
+        if parsed is None:
             raise invalid(f"{field}.id", "id must be a message id string")
         if type(attempt) is not int or not 1 <= attempt <= 1_000_000:
             raise invalid(f"{field}.attempt", "attempt must be a positive integer")
-        ids.append(int(msg_id))
+        ids.append(parsed)
         attempts.append(attempt)
     return ids, attempts
 
@@ -390,6 +401,8 @@ async def lease(request: web.Request) -> web.Response:
         not isinstance(wanted, list) or not all(isinstance(q, str) for q in wanted)
     ):
         raise invalid("queues", "queues must be an array of queue names")
+    if wanted is not None and not all(QUEUE_NAME.fullmatch(q) for q in wanted):
+        raise invalid("queues", "queues must be an array of valid queue names")
     deadline = time.monotonic() + wait
     messages: list[dict[str, Any]] = []
     secrets: dict[str, str] = {}
@@ -448,11 +461,13 @@ async def ack(request: web.Request) -> web.Response:
     reports = []
     for item, msg_id, attempt in zip(acks, ids, attempts, strict=True):
         outcome = item.get("outcome")
-        if outcome not in VERDICTS:
+        if not isinstance(outcome, str) or outcome not in VERDICTS:
             raise invalid("acks.outcome", f"outcome must be one of {sorted(VERDICTS)}")
         error = item.get("error")
         if error is not None and not isinstance(error, str):
             raise invalid("acks.error", "error must be a string")
+        if error is not None and "\x00" in error:
+            raise invalid("acks.error", "error must not contain NUL characters")
         retry_after = item.get("retry_after")
         if retry_after is not None and (
             type(retry_after) not in (int, float) or not 0 <= retry_after <= 86400

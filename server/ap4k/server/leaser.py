@@ -54,7 +54,11 @@ class Leaser:
         while len(out) < limit:
             want = min(limit - len(out), MAX_LEASE_BATCH)
             rows: list[asyncpg.Record] = await self.store.lease(
-                queue, want, leased_by, lease_seconds, self._floors.get(queue, 0),
+                queue,
+                want,
+                leased_by,
+                lease_seconds,
+                self._floors.get(queue, 0),
                 cover_timeout=not is_carrier,
             )
             if len(rows) == want:
@@ -81,8 +85,15 @@ class Leaser:
             # The queue's allow-list changed since this message was accepted.
             self.recorder.submit(
                 leased_by,
-                OutcomeReport(record["id"], record["attempt"], "fail", None,
-                              f"refused: {exc}", None, settings.name),
+                OutcomeReport(
+                    record["id"],
+                    record["attempt"],
+                    "fail",
+                    None,
+                    f"refused: {exc}",
+                    None,
+                    settings.name,
+                ),
             )
             return None
         headers = record["headers"]

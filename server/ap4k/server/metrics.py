@@ -19,6 +19,7 @@ def child(metric: MetricWrapperBase, *labels: str) -> Any:
         found = _children[key] = metric.labels(*labels)
     return found
 
+
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
