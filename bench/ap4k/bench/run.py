@@ -308,6 +308,30 @@ class Bench:
         )
         await pool.close()
 
+    async def calibration(self) -> None:
+        """A bare aiohttp POST loop from this process to the sink: what one Python HTTP
+        client does on this machine right now (PERFORMANCE-NOTES measured 17,000-18,000/s
+        with uvloop on an idle machine). Read the ap4k figures against it."""
+        url = self.sink + "/deliver"
+        body = b'{"bench":true}'
+        headers = {"Content-Type": "application/json"}
+
+        async def one() -> int:
+            async with self.session.post(url, data=body, headers=headers) as response:
+                await response.read()
+            return 1
+
+        rate = await self.timed_loop(self.o.seconds, 32, one)
+        self.figures.append(
+            Figure(
+                "calibration: bare aiohttp POSTs to the sink, 1 process",
+                rate,
+                "req/s",
+                "",
+                "no ap4k involved",
+            )
+        )
+
     # -- ap4k figures ---------------------------------------------------------------------------
 
     async def enqueue_rates(self) -> None:
@@ -485,8 +509,9 @@ class Bench:
         try:
             stages = only or {"raw", "enqueue", "delivery", "latency", "backlog"}
             if "raw" in stages:
-                log("raw PostgreSQL bound")
+                log("raw PostgreSQL bound and HTTP calibration")
                 await self.raw_postgres()
+                await self.calibration()
             if "enqueue" in stages:
                 log("enqueue rates")
                 await self.enqueue_rates()

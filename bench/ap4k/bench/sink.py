@@ -41,12 +41,14 @@ def make_handler() -> web.Server:
             return web.Response(body=ok)
         if path == "/stats":
             return web.Response(
-                body=orjson.dumps({
-                    "received": counts.received,
-                    "first_at": counts.first_at,
-                    "last_at": counts.last_at,
-                    "latencies": counts.latencies if "latencies" in request.query else [],
-                }),
+                body=orjson.dumps(
+                    {
+                        "received": counts.received,
+                        "first_at": counts.first_at,
+                        "last_at": counts.last_at,
+                        "latencies": counts.latencies if "latencies" in request.query else [],
+                    }
+                ),
                 content_type="application/json",
             )
         if path == "/reset":

@@ -249,7 +249,8 @@ class Carrier:
                 self._in_flight.pop(delivery.id, None)
             self._outstanding -= 1
             metrics.LEASES_IN_FLIGHT.set(self._outstanding)
-            self._capacity.set()
+            if self._outstanding <= self.settings.concurrency:
+                self._capacity.set()
             self._record(delivery, outcome)
 
     def _record(self, delivery: Delivery, outcome: Outcome) -> None:

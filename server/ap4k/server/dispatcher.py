@@ -188,7 +188,8 @@ class DispatcherPool:
             finally:
                 self._in_flight.pop(task, None)
             self._outstanding -= 1
-            self._capacity.set()
+            if self._outstanding <= self.size:  # wake the lease loop only when it can act
+                self._capacity.set()
             self.recorder.submit(
                 self.identity,
                 OutcomeReport(
