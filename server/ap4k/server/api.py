@@ -223,6 +223,7 @@ async def enqueue(request: web.Request) -> web.Response:
         )
     if not exists:
         await services.store.ensure_queues([queue])
+        services.directory.invalidate(queue)
     results = await services.inserter.insert(rows)
     items = [{"id": str(i), "state": s, "duplicate": d} for i, s, d in results]
     return json_response({"messages": items} if is_batch else items[0], 202)
@@ -407,7 +408,7 @@ async def lease(request: web.Request) -> web.Response:
     messages: list[dict[str, Any]] = []
     secrets: dict[str, str] = {}
     while True:
-        queues = wanted or await services.store.unpaused_queue_names()
+        queues = wanted or await services.directory.unpaused_names()
         for queue in queues:
             room = max_messages - len(messages)
             if room <= 0:

@@ -13,6 +13,7 @@ from ap4k.core.targets import check_target, resolve_target
 from ap4k.server.store import QueueSettings, Store
 
 CACHE_SECONDS = 5.0
+UNPAUSED_CACHE_SECONDS = 0.5
 
 
 class QueueDirectory:
@@ -21,6 +22,7 @@ class QueueDirectory:
         self._cache: dict[str, tuple[float, QueueSettings]] = {}
         # (queue, target) -> (absolute URL, explicitly allowed); valid while settings are.
         self._targets: dict[tuple[str, str], tuple[str, bool]] = {}
+        self._unpaused: tuple[float, list[str]] | None = None
 
     async def get(self, name: str, *, create: bool = True) -> QueueSettings | None:
         cached = self._cache.get(name)
@@ -36,6 +38,14 @@ class QueueDirectory:
         self.put(settings)
         return settings
 
+    async def unpaused_names(self) -> list[str]:
+        """Names of the queues not paused, at most a fraction of a second old: every
+        carrier's lease call looks at them, and they change only with settings."""
+        if self._unpaused is None or self._unpaused[0] <= time.monotonic():
+            names = await self._store.unpaused_queue_names()
+            self._unpaused = (time.monotonic() + UNPAUSED_CACHE_SECONDS, names)
+        return self._unpaused[1]
+
     def put(self, settings: QueueSettings) -> None:
         previous = self._cache.get(settings.name)
         if previous is not None and previous[1] != settings:
@@ -43,6 +53,7 @@ class QueueDirectory:
         self._cache[settings.name] = (time.monotonic() + CACHE_SECONDS, settings)
 
     def invalidate(self, name: str | None = None) -> None:
+        self._unpaused = None
         if name is None:
             self._cache.clear()
         else:
