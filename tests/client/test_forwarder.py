@@ -125,6 +125,49 @@ async def test_5000_enqueued_while_the_server_is_down(
     assert await backlog(app_db) == 0
 
 
+async def test_forwarder_fails_over_between_servers(
+    make_server: ServerFactory, app_db: str, app_conn: Any, target: Target
+) -> None:
+    # Two replicas on one database. The first only takes messages (no dispatchers), so
+    # that stopping it tests the forwarder's failover and nothing else.
+    first = await make_server(dispatchers=0)
+    second = await make_server(database_url=first.database_url)
+    async with Forwarder(app_db, [first.url, second.url], batch_size=50) as forwarder:
+        async with app_conn.transaction():
+            await outbox.enqueue_many(
+                app_conn, "replicas", [NewMessage(target.url, {"n": i}) for i in range(500)]
+            )
+        deadline = time.monotonic() + 60
+        while forwarder.forwarded < 100:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        first.stop()  # mid-drain
+        async with app_conn.transaction():
+            await outbox.enqueue_many(
+                app_conn, "replicas",
+                [NewMessage(target.url, {"n": i}) for i in range(500, 1000)],
+            )
+        await assert_each_once(target, set(range(1000)))
+    assert await backlog(app_db) == 0
+
+
+async def test_bearer_token_and_a_wrong_one(
+    make_server: ServerFactory, app_db: str, app_conn: Any, target: Target
+) -> None:
+    server = await make_server(token="s3cret")
+    async with app_conn.transaction():
+        await outbox.enqueue_many(
+            app_conn, "token", [NewMessage(target.url, {"n": i}) for i in range(10)]
+        )
+    async with Forwarder(app_db, server.url, token="wrong", max_backoff=0.2) as forwarder:
+        await asyncio.sleep(1.0)
+        # Refused for the forwarder's setup, not for the messages: nothing set aside.
+        assert forwarder.forwarded == forwarder.rejected == 0
+        assert (await forwarder.stats()).backlog == 10
+    async with Forwarder(app_db, server.url, token="s3cret"):
+        await assert_each_once(target, set(range(10)))
+
+
 async def test_sigkill_mid_batch_loses_and_duplicates_nothing(
     server: ServerProcess, app_db: str, app_conn: Any, target: Target, tmp_path: Path
 ) -> None:
