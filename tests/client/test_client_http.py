@@ -163,6 +163,21 @@ async def test_fails_over_to_the_next_url_and_sticks_to_it(
     assert len(healthy.seen) == 2
 
 
+async def test_concurrent_calls_fail_over_independently(
+    scripted: Callable[..., Scripted],
+) -> None:
+    """Many calls in flight when a URL dies: each walks on to the next URL by itself, and
+    none is sent back to the dead one by another call's failure (two attempts suffice)."""
+    healthy = await scripted()
+    urls = [dead_url(), healthy.url, dead_url()]
+    two = RetryPolicy(attempts=2, min_backoff_seconds=0.01)
+    async with AsyncClient(urls, retry=two, connect_timeout=1) as client:
+        for _ in range(3):
+            results = await asyncio.gather(*(client.send("q", "/t") for _ in range(30)))
+            assert len(results) == 30
+            assert client.current_url == healthy.url
+
+
 async def test_all_urls_down(scripted: Callable[..., Scripted]) -> None:
     client = AsyncClient(f"{dead_url()},{dead_url()}", retry=FAST, connect_timeout=1)
     with pytest.raises(ServerUnavailable):

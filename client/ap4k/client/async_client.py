@@ -288,9 +288,11 @@ class AsyncClient:
         failed_in_round = 0
         rounds_failed = 0
         last_error: BaseException | str = "no attempt made"
+        # Each call walks the URLs from the shared "current" one on; concurrent calls must
+        # not send each other back to a URL that just failed, hence the local index.
+        index = self._current
         for attempt in range(1, attempts + 1):
-            base = self.urls[self._current]
-            url = base + path
+            url = self.urls[index] + path
             retry_after: float | None = None
             try:
                 async with session.request(
@@ -298,22 +300,27 @@ class AsyncClient:
                 ) as response:
                     status = response.status
                     if status < 300:
-                        if not expect_json:
-                            await response.read()
-                            return None
                         raw = await response.read()
+                        self._current = index  # stick to the URL that answered
+                        if not expect_json:
+                            return None
                         return orjson.loads(raw) if raw else {}
                     raw = await response.read()
                     body = _decode_error_body(raw)
                     if not is_retryable_status(status):
+                        self._current = index  # alive: it answered, and said no
                         raise api_error(status, body, url=url)
                     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                     last_error = f"{method} {url}: HTTP {status} {_short(body)}"
             except CONNECTION_ERRORS as exc:
                 last_error = exc
                 logger.debug("%s %s failed: %r", method, url, exc)
-            # This URL failed: fail over to the next one.
-            self._current = (self._current + 1) % len(self.urls)
+            # This URL failed: fail over to the next one (and move the shared pointer on,
+            # unless another call already has).
+            following = (index + 1) % len(self.urls)
+            if self._current == index:
+                self._current = following
+            index = following
             failed_in_round += 1
             if attempt == attempts:
                 break
