@@ -41,13 +41,12 @@ async def test_three_carriers_deliver_twenty_thousand(
             # All three carriers took part.
             for carrier in carriers:
                 assert await carrier.metric("ap4k_carrier_deliveries_total") > 0
-        await asyncio.sleep(1.0)
-        assert (
-            await count_rows(
-                database_url, "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
-            )
-            == 20_000
-        )
+        completed = "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
+        for _ in range(100):
+            if await count_rows(database_url, completed) == 20_000:
+                break
+            await asyncio.sleep(0.1)
+        assert await count_rows(database_url, completed) == 20_000
     finally:
         for carrier in carriers:
             carrier.kill()
