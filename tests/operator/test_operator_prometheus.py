@@ -126,7 +126,8 @@ async def test_prometheus_query_drives_scaling_and_its_failure_freezes_it(
                 lambda: condition(aq(), "MetricsAvailable")["reason"] == "PrometheusQuery",
                 what="MetricsAvailable=True/PrometheusQuery",
             )
-            assert aq()["status"]["backlog"] == 25
+            await cluster.eventually(lambda: aq()["status"]["backlog"] == 25,
+                                     what="status.backlog 25")
 
             # Prometheus goes away, and the demand with it: without a sample, nothing moves.
             process.kill()
