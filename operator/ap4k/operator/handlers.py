@@ -1,4 +1,4 @@
-"""The kopf handlers: thin decorators, each delegating to `ap4k.operator.reconcile`.
+"""The kopf handlers: thin decorators, each delegating to `reconcile` or `autoscale`.
 
 Run with `ap4k operator` (see cli.py), or `kopf run -m ap4k.operator.handlers`.
 """
