@@ -87,9 +87,15 @@ class DispatcherPool:
             return
         self._stopping = True
         leaser, workers = self._tasks[0], self._tasks[1:]
-        leaser.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await leaser
+        # Let the lease loop finish the lease in hand rather than cancel it mid-statement:
+        # a lease committed but never seen here would sit out its whole expiry.
+        self._capacity.set()
+        self.wakeups.hint([])
+        _, pending = await asyncio.wait([leaser], timeout=10)
+        if pending:
+            leaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaser
         unstarted: list[Delivery] = []
         while not self._ready.empty():
             item = self._ready.get_nowait()
@@ -148,7 +154,7 @@ class DispatcherPool:
             leased_any = False
             for queue in queues[rotation % len(queues) :] + queues[: rotation % len(queues)]:
                 room = 2 * self.size - self._outstanding
-                if room <= 0:
+                if room <= 0 or self._stopping:
                     break
                 try:
                     leased_any |= await self._lease_from(queue, min(room, MAX_LEASE_BATCH))
