@@ -133,7 +133,9 @@ class Bench:
         await conn.execute("CREATE DATABASE ap4k")
         await conn.execute("CREATE DATABASE raw")
         await conn.close()
-        self.database_url = self.pg.database_url("ap4k")
+        # Everything runs on this machine: the server reaches PostgreSQL over its Unix
+        # socket, as `ap4k serve` does with its embedded PostgreSQL.
+        self.database_url = self.pg.socket_url("ap4k")
         self.processes.append(
             Process(
                 [sys.executable, "-m", "ap4k.bench.sink", "--port", str(self.sink_port)],
@@ -257,7 +259,7 @@ class Bench:
     # -- the raw PostgreSQL bound -------------------------------------------------------------
 
     async def raw_postgres(self) -> None:
-        url = self.pg.database_url("raw")
+        url = self.pg.socket_url("raw")
         pool = await asyncpg.create_pool(url, min_size=16, max_size=16)
         assert pool is not None
         async with pool.acquire() as conn:
@@ -492,7 +494,7 @@ class Bench:
         await conn.close()
         figures = await run_outbox_bench(
             self.server,
-            self.pg.database_url("app"),
+            self.pg.socket_url("app"),
             target=self.sink + "/deliver",
             messages=2_000 if self.o.quick else 50_000,
         )

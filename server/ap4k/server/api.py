@@ -22,13 +22,14 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ap4k.core.delivery import Delivery
 from ap4k.core.targets import TargetError
+from ap4k.server.dispatcher import DispatcherPool
 from ap4k.server.errors import ApiError, invalid, not_found
 from ap4k.server.inserter import Inserter
 from ap4k.server.leaser import Leaser
 from ap4k.server.openapi import openapi_document
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import QueueDepth, QueueSettings, Store
+from ap4k.server.store import EnqueueRow, QueueDepth, QueueSettings, Store
 from ap4k.server.validation import (
     QUEUE_NAME,
     check_queue_name,
@@ -57,6 +58,7 @@ class Services:
     wakeups: Wakeups
     leaser: Leaser
     api_token: str | None
+    dispatchers: DispatcherPool | None = None
     ready: bool = True
 
 
@@ -198,13 +200,33 @@ async def enqueue(request: web.Request) -> web.Response:
     settings = await services.directory.get(queue, create=False)
     exists = settings is not None
     settings = settings or default_settings(queue)
-    rows = []
+    targets = []
     for i, m in enumerate(messages):
         try:
-            url, _ = services.directory.target(settings, m.target)
+            targets.append(services.directory.target(settings, m.target))
         except TargetError as exc:
             field = f"messages[{i}].target" if is_batch else "target"
             raise ApiError(400, "target_not_allowed", str(exc), field) from None
+    if not exists:
+        await services.store.ensure_queues([queue])
+        services.directory.invalidate(queue)
+    # Messages that can go at once are inserted leased to an idle dispatcher of ours.
+    dispatchers = services.dispatchers
+    direct = 0
+    if dispatchers is not None:
+        direct = dispatchers.reserve(settings, len(messages))
+    identity = dispatchers.identity if dispatchers is not None else None
+    rows: list[EnqueueRow] = []
+    handed: list[int] = []
+    for i, (m, (url, _)) in enumerate(zip(messages, targets, strict=True)):
+        hand_off = (
+            len(handed) < direct
+            and m.ordering_key is None
+            and m.delay_seconds is None
+            and m.not_before is None
+        )
+        if hand_off:
+            handed.append(i)
         rows.append(
             (
                 queue,
@@ -219,12 +241,41 @@ async def enqueue(request: web.Request) -> web.Response:
                 m.timeout_seconds,
                 m.delay_seconds,
                 m.not_before,
+                identity if hand_off else None,
             )
         )
-    if not exists:
-        await services.store.ensure_queues([queue])
-        services.directory.invalidate(queue)
-    results = await services.inserter.insert(rows)
+    try:
+        results = await services.inserter.insert(rows)
+    except BaseException:
+        if dispatchers is not None:
+            dispatchers.unreserve(direct)
+        raise
+    if dispatchers is not None:
+        created_at = time.time()
+        taken = 0
+        for i in handed:
+            msg_id, state, duplicate = results[i]
+            if duplicate or state != "running":
+                continue
+            m, (url, explicit) = messages[i], targets[i]
+            dispatchers.take(
+                Delivery(
+                    id=msg_id,
+                    queue=queue,
+                    attempt=1,
+                    max_attempts=m.max_attempts or settings.max_attempts,
+                    target=url,
+                    method=m.method,
+                    headers=None if m.headers is None else orjson.loads(m.headers),
+                    body=m.body,
+                    timeout_seconds=m.timeout_seconds,
+                    created_at=created_at,
+                    signing_secret=settings.signing_secret,
+                    explicitly_allowed=explicit,
+                )
+            )
+            taken += 1
+        dispatchers.unreserve(direct - taken)
     items = [{"id": str(i), "state": s, "duplicate": d} for i, s, d in results]
     return json_response({"messages": items} if is_batch else items[0], 202)
 

@@ -94,7 +94,8 @@ class Server:
         self.services = Services(
             store=store,
             directory=directory,
-            inserter=Inserter(store, self._on_committed),
+            inserter=Inserter(store, self._on_committed, lease_seconds=s.lease_seconds),
+            dispatchers=self.dispatchers,
             recorder=self.recorder,
             wakeups=wakeups,
             leaser=self.leaser,
@@ -134,7 +135,8 @@ class Server:
         if not self.embedded.running():
             self.embedded.start()
         log.info("embedded PostgreSQL in %s at %s", self.embedded.data_dir, self.embedded.url)
-        return self.embedded.url
+        # This process is on the same machine: talk over the Unix socket, not loopback TCP.
+        return self.embedded.socket_url()
 
     def _on_committed(
         self, rows: Sequence[EnqueueRow], results: list[tuple[int, str, bool]]
@@ -151,7 +153,7 @@ class Server:
                 available.add(row[0])
                 if row[5] > 0:
                     prioritised.add(row[0])
-            else:
+            elif state == "scheduled":
                 scheduled = True
         for queue, n in counts.items():
             metrics.MESSAGES_ENQUEUED.labels(queue).inc(n)

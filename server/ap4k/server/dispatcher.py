@@ -25,7 +25,7 @@ from ap4k.server import metrics
 from ap4k.server.leaser import MAX_LEASE_BATCH, Leaser
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import Store
+from ap4k.server.store import QueueSettings, Store
 from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.dispatcher")
@@ -62,6 +62,7 @@ class DispatcherPool:
         self.deliverer = Deliverer(max_connections=max(size, 1) * 2)
         self._ready: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._outstanding = 0  # leased and not yet delivered
+        self._reserved = 0  # places promised to enqueues in flight (direct hand-off)
         self._capacity = asyncio.Event()
         self._active: set[str] = set()  # queues that may have available messages
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
@@ -126,6 +127,38 @@ class DispatcherPool:
 
     def hint(self, queues: Iterable[str]) -> None:
         self._active.update(queues)
+
+    # -- direct hand-off ------------------------------------------------------------------
+
+    def reserve(self, settings: QueueSettings, wanted: int) -> int:
+        """How many of `wanted` new messages of this queue we will deliver straight away,
+        inserted already leased to us (no lease statement): only while workers are idle,
+        the queue has no backlog we know of, and no pause or limit needs the database's
+        view. The caller hands them over with `take()` or gives the places back with
+        `unreserve()`."""
+        if (
+            self.size <= 0
+            or self._stopping
+            or settings.paused
+            or settings.rate_limit_per_second is not None
+            or settings.max_concurrency is not None
+            or settings.name in self._active
+        ):
+            return 0
+        granted = min(wanted, self.size - self._outstanding - self._reserved)
+        if granted <= 0:
+            return 0
+        self._reserved += granted
+        return granted
+
+    def unreserve(self, count: int) -> None:
+        self._reserved -= count
+
+    def take(self, delivery: Delivery) -> None:
+        """A message inserted leased to us (after `reserve`)."""
+        self._reserved -= 1
+        self._outstanding += 1
+        self._ready.put_nowait(delivery)
 
     # -- leasing --------------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ class Inserter:
         store: Store,
         on_committed: Callable[[Sequence[EnqueueRow], list[tuple[int, str, bool]]], None],
         concurrency: int = 2,
+        lease_seconds: float = 30.0,
     ) -> None:
         self._store = store
+        self._lease_seconds = lease_seconds
         self._on_committed = on_committed
         self._concurrency = concurrency
         self._pending: list[Pending] = []
@@ -55,7 +57,7 @@ class Inserter:
                     count += len(item[0])
                 rows = [row for item_rows, _ in batch for row in item_rows]
                 try:
-                    results = await self._store.enqueue(rows)
+                    results = await self._store.enqueue(rows, self._lease_seconds)
                 except asyncio.CancelledError:
                     for _, future in batch:
                         future.cancel()

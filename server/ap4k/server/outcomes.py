@@ -19,7 +19,7 @@ from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.outcomes")
 
-COALESCE_SECONDS = 0.002
+COALESCE_SECONDS = 0.01
 OUTCOME_LABEL = {"completed": "delivered", "retryable": "retried", "discarded": "dead"}
 
 
@@ -73,8 +73,10 @@ class OutcomeRecorder:
     async def _flush(self) -> None:
         try:
             while self._pending:
-                # Let the deliveries finishing right now join this statement: one UPDATE
-                # of fifty rows costs little more than one of a single row.
+                # Let the deliveries finishing meanwhile join this statement: one UPDATE of
+                # fifty rows costs little more than one of a single row, and a statement's
+                # round trip costs more than a delivery's bookkeeping. Nothing waits on
+                # this but the leases' bookkeeping: the deliveries have already happened.
                 await asyncio.sleep(COALESCE_SECONDS)
                 leased_by = next(iter(self._pending))
                 batch = self._pending.pop(leased_by)

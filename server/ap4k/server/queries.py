@@ -4,25 +4,34 @@ from __future__ import annotations
 
 # Group-committed enqueue: many messages, one statement, one commit. Ids come from the
 # sequence in input order (so FIFO by id is enqueue order); a dedup_key that already exists
-# in the queue yields the existing message instead of a new one.
+# in the queue yields the existing message instead of a new one. A row with a leased_by is
+# handed straight to that dispatcher: inserted already leased (running, attempt 1), which
+# saves the lease statement when a dispatcher of this process is idle and the queue empty.
 ENQUEUE = """
 WITH input AS (
     SELECT nextval('ap4k_messages_id_seq') AS id, t.*,
            coalesce(t.not_before, now() + make_interval(secs => coalesce(t.delay, 0))) AS due
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int[],
                   $7::text[], $8::text[], $9::int[], $10::real[], $11::float8[],
-                  $12::timestamptz[])
+                  $12::timestamptz[], $13::text[])
            WITH ORDINALITY AS t(queue, target, method, headers, body, priority, dedup_key,
                                 ordering_key, max_attempts, timeout_seconds, delay,
-                                not_before, ord)
+                                not_before, leased_by, ord)
 ), inserted AS (
     INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
                                lease_order, dedup_key, ordering_key, max_attempts,
-                               timeout_seconds, scheduled_at)
+                               timeout_seconds, scheduled_at, attempt, leased_by,
+                               attempted_at, lease_expires_at)
     SELECT id, queue,
-           (CASE WHEN due > now() THEN 'scheduled' ELSE 'available' END)::ap4k_state,
+           (CASE WHEN leased_by IS NOT NULL THEN 'running'
+                 WHEN due > now() THEN 'scheduled'
+                 ELSE 'available' END)::ap4k_state,
            target, method, headers, body, priority, ap4k_lease_order(priority), dedup_key,
-           ordering_key, max_attempts, timeout_seconds, greatest(due, now())
+           ordering_key, max_attempts, timeout_seconds, greatest(due, now()),
+           CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
+           CASE WHEN leased_by IS NOT NULL THEN now() END,
+           CASE WHEN leased_by IS NOT NULL
+                THEN now() + make_interval(secs => greatest($14, timeout_seconds + 1)) END
       FROM input
      ORDER BY ord
         ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING

@@ -70,18 +70,19 @@ class QueueDepth:
 
 # One row of the ENQUEUE statement's input, in its column order.
 EnqueueRow = tuple[
-    str,
-    str,
-    str,
-    str | None,
-    bytes | None,
-    int,
-    str | None,
-    str | None,
-    int | None,
-    float,
-    float | None,
-    datetime | None,
+    str,  # queue
+    str,  # target (absolute URL)
+    str,  # method
+    str | None,  # headers (JSON)
+    bytes | None,  # body (JSON)
+    int,  # priority
+    str | None,  # dedup_key
+    str | None,  # ordering_key
+    int | None,  # max_attempts
+    float,  # timeout_seconds
+    float | None,  # delay_seconds
+    datetime | None,  # not_before
+    str | None,  # leased_by: hand straight to this dispatcher
 ]
 
 
@@ -134,11 +135,13 @@ class Store:
 
     # -- enqueue --------------------------------------------------------------------------
 
-    async def enqueue(self, rows: Sequence[EnqueueRow]) -> list[tuple[int, str, bool]]:
+    async def enqueue(
+        self, rows: Sequence[EnqueueRow], lease_seconds: float = 30.0
+    ) -> list[tuple[int, str, bool]]:
         """Insert rows in one statement; per row (id, state, duplicate), in input order."""
         columns = list(zip(*rows, strict=True))
         async with self.pool.acquire() as conn:
-            records = await conn.fetch(queries.ENQUEUE, *columns)
+            records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
             results = [(r["id"], r["state"], r["duplicate"]) for r in records]
             for i, (msg_id, _, _) in enumerate(results):
                 if msg_id is None:  # a duplicate committed concurrently with us
