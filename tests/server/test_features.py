@@ -297,3 +297,20 @@ async def test_metrics_are_exported(api: Api) -> None:
             "ap4k_end_to_end_latency_seconds_bucket",
         ):
             assert name in text, name
+
+
+async def test_an_idle_server_hands_new_messages_straight_to_a_dispatcher(api: Api) -> None:
+    async with sink() as target:
+        await api.send("direct", {"target": target.url})  # the queue now exists
+        await asyncio.sleep(1.5)  # and the dispatchers have seen it empty
+        sent = [await api.send("direct", {"target": target.url}) for _ in range(5)]
+        assert all(m["state"] == "running" for m in sent)  # inserted already leased
+        for m in sent:
+            done = await api.wait_state(m["id"], "completed")
+            assert done["attempt"] == 1
+        ordered = await api.send("direct", {"target": target.url, "ordering_key": "k"})
+        delayed = await api.send("direct", {"target": target.url, "delay_seconds": 0.2})
+        assert (ordered["state"], delayed["state"]) == ("available", "scheduled")
+        await api.settings("direct", paused=True)
+        paused = await api.send("direct", {"target": target.url})
+        assert paused["state"] == "available"
