@@ -499,8 +499,9 @@ class Bench:
             messages=2_000 if self.o.quick else 50_000,
         )
         for name, value in figures.items():
-            if isinstance(value, (int, float)):
-                self.figures.append(Figure(f"outbox: {name}", float(value), ""))
+            if name.endswith("_rows_per_second") and isinstance(value, (int, float)):
+                label = name.removesuffix("_rows_per_second").replace("_", " ")
+                self.figures.append(Figure(f"outbox: {label}", float(value), "rows/s"))
         await self.wait_idle()
         await self.clear()
 
