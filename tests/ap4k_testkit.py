@@ -198,7 +198,27 @@ class Api:
             await asyncio.sleep(0.05)
 
 
-class ServerProcess:
+class ChildProcess:
+    """An `ap4k` command run as a real child process, for tests that kill it."""
+
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class ServerProcess(ChildProcess):
     """`ap4k serve` as a real child process, for tests that kill and restart it."""
 
     def __init__(
@@ -243,19 +263,6 @@ class ServerProcess:
         await wait_ready(self.url + "/readyz", timeout, self.process)
         return self
 
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
 
 async def wait_ready(
     url: str, timeout: float, process: subprocess.Popen[bytes] | None = None
@@ -285,15 +292,22 @@ async def count_rows(database_url: str, sql: str, *args: Any) -> int:
         await conn.close()
 
 
-class CarrierProcess:
+class CarrierProcess(ChildProcess):
     """`ap4k carrier` as a real child process."""
 
-    def __init__(self, servers: str, *args: str, concurrency: int = 16,
-                 lease_seconds: float = 5.0) -> None:
+    def __init__(
+        self, servers: str, *args: str, concurrency: int = 16, lease_seconds: float = 5.0
+    ) -> None:
         self.metrics_port = free_port()
         self.args = [
-            "--server", servers, "--concurrency", str(concurrency),
-            "--lease-seconds", str(lease_seconds), "--metrics-port", str(self.metrics_port),
+            "--server",
+            servers,
+            "--concurrency",
+            str(concurrency),
+            "--lease-seconds",
+            str(lease_seconds),
+            "--metrics-port",
+            str(self.metrics_port),
             *args,
         ]
         self.process: subprocess.Popen[bytes] | None = None
@@ -304,31 +318,20 @@ class CarrierProcess:
         # Popen returns at once; the child runs on its own.
         self.process = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "ap4k.cli", "carrier", *self.args],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         await wait_ready(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout, self.process)
         return self
 
     async def metric(self, name: str) -> float:
-        async with aiohttp.ClientSession() as session, session.get(
-            f"http://127.0.0.1:{self.metrics_port}/metrics"
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response,
+        ):
             text = await response.text()
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and not line.startswith("#"):
                 total += float(line.rsplit(" ", 1)[1])
         return total
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ap4k.core.config import add_flag
+from ap4k.core.config import add_flag, add_logging_flags
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,8 +63,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="",
         help="this carrier's id (default: host-pid-random)",
     )
-    add_flag(carrier, "--log-level", env_name="LOG_LEVEL", default="info", help="log level")
-    add_flag(carrier, "--log-format", env_name="LOG_FORMAT", default="text", help="text or json")
+    add_logging_flags(carrier)
     carrier.set_defaults(func=run_carrier)
 
 

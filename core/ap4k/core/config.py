@@ -42,3 +42,8 @@ def add_flag(
             default=value,
             help=f"{help} [env AP4K_{env_name}; default {default!r}]",
         )
+
+
+def add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--log-level", env_name="LOG_LEVEL", default="info", help="log level")
+    add_flag(parser, "--log-format", env_name="LOG_FORMAT", default="text", help="text or json")

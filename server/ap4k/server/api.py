@@ -549,13 +549,19 @@ async def ack(request: web.Request) -> web.Response:
     )
 
 
-async def extend_leases(request: web.Request) -> web.Response:
-    services = _services(request)
+async def _lease_list(request: web.Request) -> tuple[dict[str, Any], str, list[int], list[int]]:
+    """The body of extend and release: (body, leased_by, ids, attempts)."""
     data = await _json_body(request)
     if not isinstance(data, dict):
         raise invalid("body", "expected a JSON object")
     leased_by = _carrier(data)
     ids, attempts = _leases(data)
+    return data, leased_by, ids, attempts
+
+
+async def extend_leases(request: web.Request) -> web.Response:
+    services = _services(request)
+    data, leased_by, ids, attempts = await _lease_list(request)
     seconds = _number_field(data, "lease_seconds", 60, 1, 3600)
     rows = await services.store.extend(leased_by, ids, attempts, seconds) if ids else []
     extended = {r["id"]: r["lease_expires_at"] for r in rows}
@@ -569,11 +575,7 @@ async def extend_leases(request: web.Request) -> web.Response:
 
 async def release_leases(request: web.Request) -> web.Response:
     services = _services(request)
-    data = await _json_body(request)
-    if not isinstance(data, dict):
-        raise invalid("body", "expected a JSON object")
-    leased_by = _carrier(data)
-    ids, attempts = _leases(data)
+    _, leased_by, ids, attempts = await _lease_list(request)
     rows = await services.store.release(leased_by, ids, attempts) if ids else []
     if rows:
         services.wakeups.announce({r["queue"] for r in rows})

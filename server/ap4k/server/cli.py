@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ap4k.core.config import add_flag
+from ap4k.core.config import add_flag, add_logging_flags
 
 DEFAULT_SERVER = "http://127.0.0.1:7438"
 
@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cast=bool,
         help="apply schema migrations at start",
     )
-    _logging_flags(serve)
+    add_logging_flags(serve)
     serve.set_defaults(func=run_serve)
 
     migrate = subparsers.add_parser("migrate", help="apply schema migrations")
@@ -132,11 +132,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     redrive.add_argument("queue")
     _server_flags(redrive)
     redrive.set_defaults(func=run_redrive)
-
-
-def _logging_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "--log-level", env_name="LOG_LEVEL", default="info", help="log level")
-    add_flag(parser, "--log-format", env_name="LOG_FORMAT", default="text", help="text or json")
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
