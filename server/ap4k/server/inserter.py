@@ -24,7 +24,7 @@ class Inserter:
         self,
         store: Store,
         on_committed: Callable[[Sequence[EnqueueRow], list[tuple[int, str, bool]]], None],
-        concurrency: int = 2,
+        concurrency: int = 1,
         lease_seconds: float = 30.0,
     ) -> None:
         self._store = store
