@@ -140,3 +140,36 @@ async def test_sigterm_drains_in_flight_and_releases_the_rest(database_url: str)
     finally:
         await api.close()
         server.kill()
+
+
+async def test_a_delivery_cut_off_by_the_drain_counts_as_an_attempt(database_url: str) -> None:
+    async def slow_first(_: Received, nth: int) -> int:
+        if nth == 1:
+            await asyncio.sleep(3.0)  # longer than the drain's grace
+        return 200
+
+    server = await ServerProcess(
+        database_url, "--dispatchers", "2", "--drain-seconds", "0.5"
+    ).start()
+    api = Api(server.url)
+    try:
+        async with sink(slow_first) as target:
+            await api.settings("cutoff", min_backoff_seconds=0.01, max_backoff_seconds=0.01)
+            sent = await api.send("cutoff", {"target": target.url, "timeout_seconds": 10})
+            await target.wait_for(lambda: len(target.received) == 1, timeout=10)
+            assert await asyncio.to_thread(server.terminate) == 0
+            # It may have reached the target: not handed back as untried (attempt 0), but
+            # recorded as a failed attempt to retry.
+            cut = await count_rows(
+                database_url,
+                "SELECT count(*) FROM ap4k_messages"
+                " WHERE state = 'retryable' AND attempt = 1 AND last_error LIKE 'abandoned%'",
+            )
+            assert cut == 1
+            await server.start()
+            done = await api.wait_state(sent["id"], "completed", timeout=20)
+            assert done["attempt"] == 2
+            assert [r.attempt for r in target.received] == [1, 2]
+    finally:
+        await api.close()
+        server.kill()

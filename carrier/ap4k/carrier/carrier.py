@@ -149,11 +149,24 @@ class Carrier:
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+        # A delivery cut off mid-request may have reached its target: ack it as a retry
+        # (the attempt counts), never give it back as if it had not been tried.
+        for delivery in abandoned:
+            self._acks.append(
+                {
+                    "id": str(delivery.id),
+                    "attempt": delivery.attempt,
+                    "queue": delivery.queue,
+                    "outcome": "retry",
+                    "error": "abandoned at shutdown",
+                    "retry_after": 0,
+                }
+            )
+        # Stop the acker first (an ack in flight goes back in the list), then flush all.
         heartbeat.cancel()
-        await self._flush_acks(final=True)
         acker.cancel()
         await asyncio.gather(acker, heartbeat, return_exceptions=True)
-        await self._release(abandoned)
+        await self._flush_acks(final=True)
         await self.deliverer.close()
         await self.client.close()
         log.info("stopped")
@@ -184,9 +197,9 @@ class Carrier:
                 answer = await self.client.call(
                     "/v1/leases", request, timeout=self.settings.poll_wait_seconds + 10
                 )
-            except ServerUnavailable as exc:
+            except (ServerUnavailable, RuntimeError) as exc:
                 self.healthy = False
-                log.warning("no server reachable (%s); retrying in %.1fs", exc, backoff)
+                log.warning("leasing failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -265,7 +278,9 @@ class Carrier:
                 "attempt": delivery.attempt,
                 "queue": delivery.queue,
                 "outcome": outcome.verdict.value,
-                "error": None if outcome.error is None else outcome.error.replace("\x00", ""),
+                "error": None
+                if outcome.error is None
+                else outcome.error.replace("\x00", "")[:2000],
                 "retry_after": outcome.retry_after,
                 "duration_seconds": outcome.duration,
             }
@@ -293,7 +308,10 @@ class Carrier:
                 answer = await self.client.call(
                     "/v1/acks", {"carrier": self.settings.carrier_id, "acks": batch}
                 )
-            except ServerUnavailable as exc:
+            except asyncio.CancelledError:
+                self._acks = batch + self._acks  # the final flush sends them
+                raise
+            except (ServerUnavailable, RuntimeError) as exc:
                 self._acks = batch + self._acks
                 attempts += 1
                 if final and attempts >= 3:

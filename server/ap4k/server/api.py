@@ -476,6 +476,13 @@ async def lease(request: web.Request) -> web.Response:
         if messages or remaining <= 0 or transport is None or transport.is_closing():
             break
         await services.wakeups.wait(min(remaining, 1.0))
+    transport = request.transport
+    if messages and (transport is None or transport.is_closing()):
+        # The carrier hung up while we leased for it: give the leases back at once.
+        await services.store.release(
+            leased_by, [int(m["id"]) for m in messages], [m["attempt"] for m in messages]
+        )
+        raise ApiError(499, "client_closed", "the carrier closed the connection")
     return json_response({"messages": messages, "signing_secrets": secrets})
 
 

@@ -63,6 +63,7 @@ class DispatcherPool:
         self._ready: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._outstanding = 0  # leased and not yet delivered
         self._reserved = 0  # places promised to enqueues in flight (direct hand-off)
+        self._late: list[Delivery] = []  # handed over after stop() began
         self._capacity = asyncio.Event()
         self._active: set[str] = set()  # queues that may have available messages
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
@@ -97,6 +98,11 @@ class DispatcherPool:
             leaser.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await leaser
+        # Enqueues that reserved a direct hand-off before we stopped are committing now.
+        for _ in range(200):
+            if self._reserved <= 0:
+                break
+            await asyncio.sleep(0.01)
         unstarted: list[Delivery] = []
         while not self._ready.empty():
             item = self._ready.get_nowait()
@@ -109,8 +115,17 @@ class DispatcherPool:
         for task in still_running:
             task.cancel()
         await asyncio.gather(*still_running, return_exceptions=True)
+        # A delivery cut off mid-request may well have reached its target: it counts as an
+        # attempt and is retried (attempt + 1), never handed back as if never tried.
+        for d in abandoned:
+            self.recorder.submit(
+                self.identity,
+                OutcomeReport(
+                    d.id, d.attempt, "retry", 0.0, "abandoned at shutdown", None, d.queue
+                ),
+            )
         await self.recorder.drain()
-        await self._release(unstarted + abandoned)
+        await self._release(unstarted + self._late)
         await self.deliverer.close()
         self._tasks.clear()
 
@@ -122,7 +137,7 @@ class DispatcherPool:
                 self.identity, [d.id for d in deliveries], [d.attempt for d in deliveries]
             )
             log.info("released %d undelivered leases", len(deliveries))
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("could not release %d leases (they will expire): %s", len(deliveries), exc)
 
     def hint(self, queues: Iterable[str]) -> None:
@@ -157,6 +172,9 @@ class DispatcherPool:
     def take(self, delivery: Delivery) -> None:
         """A message inserted leased to us (after `reserve`)."""
         self._reserved -= 1
+        if self._stopping:  # the workers may be gone: give it back with the rest
+            self._late.append(delivery)
+            return
         self._outstanding += 1
         self._ready.put_nowait(delivery)
 
@@ -175,7 +193,7 @@ class DispatcherPool:
                 next_poll = now + POLL_SECONDS
                 try:
                     self._active.update(await self.store.unpaused_queue_names())
-                except (OSError, asyncpg.PostgresError) as exc:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log.warning("cannot list queues: %s", exc)
             self._active |= self.wakeups.hinted
             self.wakeups.hinted.clear()

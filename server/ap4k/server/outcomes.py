@@ -48,15 +48,13 @@ class OutcomeRecorder:
         self._concurrency = concurrency
         self._pending: dict[str, list[tuple[OutcomeReport, asyncio.Future[bool]]]] = {}
         self._flushers = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._writing: list[asyncio.Future[bool]] = []
 
     def submit(self, leased_by: str, report: OutcomeReport) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(leased_by, []).append((report, future))
         if report.duration is not None and report.queue is not None:
             metrics.child(metrics.DELIVERY_DURATION, report.queue).observe(report.duration)
-        self._idle.clear()
         if self._flushers < self._concurrency:
             self._flushers += 1
             asyncio.get_running_loop().create_task(self._flush())
@@ -67,8 +65,10 @@ class OutcomeRecorder:
         return list(await asyncio.gather(*futures))
 
     async def drain(self) -> None:
-        """Until everything submitted so far is written."""
-        await self._idle.wait()
+        """Until everything submitted so far is written (not what comes after: carriers may
+        keep acking while this server shuts down)."""
+        pending = [f for batch in self._pending.values() for _, f in batch] + list(self._writing)
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _flush(self) -> None:
         try:
@@ -95,10 +95,17 @@ class OutcomeRecorder:
                     await asyncio.sleep(0.2)
         finally:
             self._flushers -= 1
-            if self._flushers == 0 and not self._pending:
-                self._idle.set()
 
     async def _write(
+        self, leased_by: str, batch: list[tuple[OutcomeReport, asyncio.Future[bool]]]
+    ) -> None:
+        self._writing = [f for _, f in batch]
+        try:
+            await self._write_batch(leased_by, batch)
+        finally:
+            self._writing = []
+
+    async def _write_batch(
         self, leased_by: str, batch: list[tuple[OutcomeReport, asyncio.Future[bool]]]
     ) -> None:
         delivered = [r for r, _ in batch if r.verdict == "delivered"]

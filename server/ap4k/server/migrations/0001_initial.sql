@@ -107,8 +107,9 @@ ALTER TABLE ap4k_messages SET (
 -- queue's pause switch, concurrency limit and rate limit (a token bucket on the queue row),
 -- and per-ordering-key FIFO. p_floor is the caller's head pointer: no available row of
 -- this queue has a lower lease_order that the caller has not already passed (0: no hint).
--- With p_cover_timeout the lease lasts at least the message's timeout + 1 s (the server's
--- dispatchers, which never extend); carriers lease for p_lease_seconds and heartbeat.
+-- With p_cover_timeout the lease lasts at least twice the message's timeout + 1 s: the
+-- server's dispatchers never extend a lease, and a message may wait in their buffer behind
+-- one delivery before its own starts. Carriers lease for p_lease_seconds and heartbeat.
 CREATE FUNCTION ap4k_lease(
     p_queue text,
     p_limit integer,
@@ -180,7 +181,7 @@ BEGIN
            leased_by = p_leased_by,
            attempted_at = now(),
            lease_expires_at = now() + make_interval(secs => CASE
-               WHEN p_cover_timeout THEN greatest(p_lease_seconds, m.timeout_seconds + 1)
+               WHEN p_cover_timeout THEN greatest(p_lease_seconds, 2 * m.timeout_seconds + 1)
                ELSE p_lease_seconds END)
       FROM picked
      WHERE m.id = picked.id
