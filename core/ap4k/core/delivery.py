@@ -10,14 +10,11 @@ import asyncio
 import email.utils
 import hashlib
 import hmac
-import random
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 import aiohttp
-import orjson
 from yarl import URL
 
 from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_address
@@ -87,16 +84,6 @@ def classify_status(status: int) -> Verdict:
     if status in (408, 429) or status >= 500:
         return Verdict.RETRY
     return Verdict.FAIL
-
-
-def backoff_seconds(attempt: int, min_backoff: float, max_backoff: float) -> float:
-    """Exponential backoff with "equal jitter": between half and all of min·2^(attempt-1)."""
-    ceiling = min(max_backoff, min_backoff * (2.0 ** min(attempt - 1, 60)))
-    return ceiling / 2 + random.random() * ceiling / 2
-
-
-def encode_body(body: Any) -> bytes:
-    return orjson.dumps(body)
 
 
 class Deliverer:

@@ -29,7 +29,7 @@ from ap4k.server.leaser import Leaser
 from ap4k.server.openapi import openapi_document
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import EnqueueRow, QueueDepth, QueueSettings, Store
+from ap4k.server.store import STATES, EnqueueRow, QueueDepth, QueueSettings, Store
 from ap4k.server.validation import (
     QUEUE_NAME,
     check_queue_name,
@@ -44,7 +44,6 @@ log = logging.getLogger("ap4k.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-MAX_ID = 2**63 - 1
 
 
 @dataclass
@@ -173,11 +172,7 @@ def message_json(r: asyncpg.Record) -> dict[str, Any]:
 
 
 def queue_json(settings: QueueSettings, depth: QueueDepth | None) -> dict[str, Any]:
-    counts = (
-        depth.counts
-        if depth
-        else dict.fromkeys(("available", "scheduled", "running", "retryable", "discarded"), 0)
-    )
+    counts = depth.counts if depth else dict.fromkeys(STATES, 0)
     return {
         "name": settings.name,
         "depth": counts,

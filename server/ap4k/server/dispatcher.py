@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
 
 import asyncpg
 
@@ -140,9 +139,6 @@ class DispatcherPool:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("could not release %d leases (they will expire): %s", len(deliveries), exc)
 
-    def hint(self, queues: Iterable[str]) -> None:
-        self._active.update(queues)
-
     # -- direct hand-off ------------------------------------------------------------------
 
     def reserve(self, settings: QueueSettings, wanted: int) -> int:
@@ -192,7 +188,7 @@ class DispatcherPool:
             if now >= next_poll:
                 next_poll = now + POLL_SECONDS
                 try:
-                    self._active.update(await self.store.unpaused_queue_names())
+                    self._active.update(await self.directory.unpaused_names())
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log.warning("cannot list queues: %s", exc)
             self._active |= self.wakeups.hinted
