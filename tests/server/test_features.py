@@ -1,5 +1,5 @@
 """Delays, priorities, ordering keys, dedup keys, pause, limits, signing: each does what
-DESIGN.md says, observed at a real HTTP target."""
+the README says, observed at a real HTTP target."""
 
 from __future__ import annotations
 

@@ -312,7 +312,7 @@ class Bench:
 
     async def calibration(self) -> None:
         """A bare aiohttp POST loop from this process to the sink: what one Python HTTP
-        client does on this machine right now (PERFORMANCE-NOTES measured 17,000-18,000/s
+        client does on this machine right now (docs/performance.md: 17,000-18,000/s
         with uvloop on an idle machine). Read the ap4k figures against it."""
         url = self.sink + "/deliver"
         body = b'{"bench":true}'

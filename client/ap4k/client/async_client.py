@@ -264,7 +264,7 @@ class AsyncClient:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # Keep-alive connections to every server URL; the limit matches what one
-            # process can usefully push (see PERFORMANCE-NOTES: ~13k POST/s per session).
+            # process can usefully push (docs/performance.md: ~13k POST/s per session).
             connector = aiohttp.TCPConnector(limit=64, limit_per_host=32)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, headers=self._headers

@@ -36,7 +36,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX ap4k_outbox_ordering_idx ON ap4k_outbox (queue, ordering_key, id)
             WHERE ordering_key IS NOT NULL;
         -- Rows are deleted as fast as they are inserted: vacuum often so that the head of
-        -- the primary key does not fill with dead entries (PERFORMANCE-NOTES, trap 2).
+        -- the primary key does not fill with dead entries (docs/performance.md, trap 2).
         ALTER TABLE ap4k_outbox SET (
             autovacuum_vacuum_scale_factor = 0.0,
             autovacuum_vacuum_threshold = 5000,
@@ -59,7 +59,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         """
         -- Forwarder workers waiting on LISTEN register here; an enqueue sends its NOTIFY
         -- only while one does. A busy forwarder needs no wake-up, and a NOTIFY serialises
-        -- commits (PERFORMANCE-NOTES, trap 1), so under load no NOTIFY is sent at all.
+        -- commits (docs/performance.md, trap 1), so under load no NOTIFY is sent at all.
         -- Unlogged: it is only a hint, rebuilt by the forwarders within seconds.
         CREATE UNLOGGED TABLE ap4k_outbox_sleepers (
             worker text PRIMARY KEY,

@@ -5,7 +5,7 @@
 
 The lease loop keeps up to two batches' worth of messages leased ahead of the workers, in
 batches that grow with the backlog (1 message when the queue is short, for latency; up to
-100 under load, for throughput: PERFORMANCE-NOTES, trap 3).
+100 under load, for throughput: docs/performance.md, trap 3).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One Leaser per process. It remembers, per queue, a head pointer: the lowest lease_order of
 the last full batch it leased. The next lease starts there instead of at the queue's
 beginning, which every delivery litters with a dead index entry until vacuum passes
-(PERFORMANCE-NOTES, trap 2). The pointer is only a hint: it is dropped whenever a lease
+(docs/performance.md, trap 2). The pointer is only a hint: it is dropped whenever a lease
 comes back short, when higher-priority work arrives, and every second, so that messages
 released or rolled back behind it are found again.
 """

@@ -1,4 +1,5 @@
-"""The server's Prometheus metrics (names per DESIGN.md; base units; no ids in labels)."""
+"""The server's Prometheus metrics (named as the README's Metrics section lists them; base
+units; no ids in labels)."""
 
 from __future__ import annotations
 

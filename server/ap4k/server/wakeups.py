@@ -2,7 +2,7 @@
 
 A message enqueued through this process wakes this process's dispatchers and long-polling
 carriers directly. Other replicas hear of it through one NOTIFY per burst — never one per
-message, which would serialise commits (PERFORMANCE-NOTES, trap 1). NOTIFY is only a
+message, which would serialise commits (docs/performance.md, trap 1). NOTIFY is only a
 latency shortcut: leasers also poll, so a lost notification delays work, never loses it.
 """
 
