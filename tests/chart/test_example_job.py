@@ -123,3 +123,10 @@ def test_the_job_may_create_asyncqueues_and_nothing_else(render: Renderer) -> No
     assert int(job["metadata"]["annotations"]["helm.sh/hook-weight"]) > int(
         role["metadata"]["annotations"]["helm.sh/hook-weight"]
     )
+
+
+def test_the_example_asyncqueue_is_not_labelled_as_part_of_the_release(render: Renderer) -> None:
+    # The Job creates it and Helm never tracks it: claiming managed-by Helm would be false.
+    labels = render(DEV).example_asyncqueue()["metadata"]["labels"]
+    assert "app.kubernetes.io/managed-by" not in labels and "helm.sh/chart" not in labels
+    assert labels["app.kubernetes.io/instance"] and labels["app.kubernetes.io/part-of"] == "ap4k"

@@ -8,7 +8,6 @@ import tomllib
 from typing import Any
 
 import helm_python
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -25,6 +24,7 @@ from tests.chart.conftest import (
     Renderer,
     helm_lint,
 )
+from tests.operator import apiserver
 
 # name -> (values, API versions the cluster offers)
 COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
@@ -142,10 +142,11 @@ def _check_prometheus_operator_object(obj: dict[str, Any]) -> None:
 
 
 def _check_asyncqueue(obj: dict[str, Any]) -> None:
+    # As a real API server meets it: defaulted, pruned, then validated with the CEL rules.
     crd = yaml.safe_load(OPERATOR_CRD.read_text())
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    # OpenAPI 3.0 schema keywords are JSON Schema draft 4's (boolean exclusiveMinimum).
-    jsonschema.Draft4Validator(schema).validate(obj)
+    _, problems = apiserver.admit(schema, obj)
+    assert problems == [], problems
 
 
 def test_every_object_matches_the_kubernetes_schemas(combination: tuple[str, Rendered]) -> None:
@@ -159,6 +160,9 @@ def test_every_object_matches_the_kubernetes_schemas(combination: tuple[str, Ren
         if obj["apiVersion"].startswith("ap4k.dev/"):
             _check_asyncqueue(obj)
             continue
+        if obj["kind"] == "CustomResourceDefinition":
+            # What the API server checks at CRD creation, beyond the object's own schema.
+            assert apiserver.crd_problems(obj) == [], name
         # Strict: an unknown or misspelled field is an error, not silently dropped.
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         validated += 1

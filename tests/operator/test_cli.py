@@ -93,8 +93,34 @@ async def test_ap4k_operator_runs_and_serves_health_and_metrics(cluster: Any) ->
     assert process.returncode == 0, output.decode(errors="replace")[-3000:]
     # JSON log lines (--log-format through AP4K_LOG_FORMAT).
     assert b'"message":' in output or b'"message": ' in output
+    # One line per real change: kopf's per-handler progress lines stay out of the INFO log.
+    text = output.decode(errors="replace")
+    assert "succeeded." not in text and "is processed" not in text, text[-3000:]
+    assert "Children reconciled" in text
 
 
 async def _ok(response: Any) -> bool:
     status, _ = await response
     return bool(status == 200)
+
+
+def test_kopf_progress_lines_are_demoted_but_failures_kept() -> None:
+    import logging
+
+    from ap4k.operator.logfilter import DemoteKopfProgress
+
+    def record(level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
+
+    demote = DemoteKopfProgress()
+    logging.getLogger("kopf.objects").setLevel(logging.INFO)
+    assert not demote.filter(record(logging.INFO, "Handler 'deployment_event' succeeded."))
+    assert not demote.filter(record(logging.INFO, "Resuming is processed: 1 succeeded; 0 failed."))
+    assert not demote.filter(record(logging.INFO, "Activity 'startup' succeeded."))
+    assert demote.filter(record(logging.INFO, "Creation is processed: 0 succeeded; 1 failed."))
+    assert demote.filter(record(logging.INFO, "Carriers ScaledUp: 0 → 2"))
+    assert demote.filter(record(logging.ERROR, "Handler 'x' failed with an exception."))
+    logging.getLogger("kopf.objects").setLevel(logging.DEBUG)
+    shown = record(logging.INFO, "Handler 'deployment_event' succeeded.")
+    assert demote.filter(shown) and shown.levelno == logging.DEBUG
+    logging.getLogger("kopf.objects").setLevel(logging.NOTSET)

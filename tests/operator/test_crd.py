@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 
 from ap4k.operator.spec import parse_spec
+from tests.operator import apiserver
 
 FULL = {
     "apiVersion": "ap4k.dev/v1alpha1",
@@ -62,22 +62,9 @@ def test_names_versions_and_subresources(crd: dict[str, Any]) -> None:
     assert columns["Age"] == ".metadata.creationTimestamp"
 
 
-def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """Structural defaulting as the API server does it: absent fields with a default get it."""
-    if isinstance(value, dict) and "properties" in schema:
-        for key, sub in schema["properties"].items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                value[key] = apply_defaults(sub, value[key])
-    elif isinstance(value, list) and "items" in schema:
-        return [apply_defaults(schema["items"], item) for item in value]
-    return value
-
-
 def test_crd_defaults_agree_with_the_parser(crd_schema: dict[str, Any]) -> None:
     minimal = {"database": {"secretName": "db"}, "queues": [{"name": "q"}]}
-    defaulted = apply_defaults(crd_schema["properties"]["spec"], copy.deepcopy(minimal))
+    defaulted = apiserver.apply_defaults(crd_schema["properties"]["spec"], copy.deepcopy(minimal))
     # Every default the parser applies is one the API server applies too, and the same.
     assert set(defaulted) >= {"imagePullPolicy", "server", "carriers"}
     assert set(defaulted["carriers"]) >= {
@@ -89,14 +76,8 @@ def test_crd_defaults_agree_with_the_parser(crd_schema: dict[str, Any]) -> None:
     assert parse_spec("o", "ns", minimal) == parse_spec("o", "ns", defaulted)
 
 
-def validator(schema: dict[str, Any]) -> jsonschema.Draft4Validator:
-    # OpenAPI v3.0 schemas are close to JSON Schema draft 4 (boolean exclusiveMinimum);
-    # the x-kubernetes-* extensions are ignored here and checked with CEL below.
-    return jsonschema.Draft4Validator(schema)
-
-
 def test_a_full_example_is_valid_and_parses(crd_schema: dict[str, Any]) -> None:
-    validator(crd_schema).validate(FULL)
+    assert apiserver.admit(crd_schema, FULL)[1] == []
     parsed = parse_spec("orders", "shop", FULL["spec"])
     assert parsed.carriers.metric.type == "Prometheus"
     assert parsed.queues[0].settings["rate_limit_per_second"] == 50
@@ -126,69 +107,25 @@ def test_the_schema_refuses_bad_values(
         del target[path[-1]]
     else:
         target[path[-1]] = value
-    with pytest.raises(jsonschema.ValidationError):
-        validator(crd_schema).validate(body)
+    assert apiserver.schema_problems(crd_schema, body)
 
 
 # --- CEL (x-kubernetes-validations), evaluated with cel-python ------------------------------
 
 
-def rules(schema: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
-    found = [(path, r["rule"]) for r in schema.get("x-kubernetes-validations", [])]
-    for key, sub in schema.get("properties", {}).items():
-        found += rules(sub, (*path, key))
-    if "items" in schema:
-        found += rules(schema["items"], (*path, "[]"))
-    return found
-
-
-def as_cel_values(schema: dict[str, Any], value: Any) -> Any:
-    """JSON numbers of `type: number` fields are doubles in Kubernetes' CEL."""
-    if schema.get("type") == "number" and isinstance(value, int):
-        return float(value)
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        return {k: as_cel_values(props.get(k, {}), v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [as_cel_values(schema.get("items", {}), v) for v in value]
-    return value
-
-
-def violations(schema: dict[str, Any], body: dict[str, Any]) -> list[str]:
-    celpy = pytest.importorskip("celpy")
-    env = celpy.Environment()
-    failed = []
-    for path, rule in rules(schema):
-        program = env.program(env.compile(rule))
-        targets = [(schema, body)]
-        for key in path:
-            step = []
-            for sub_schema, value in targets:
-                if key == "[]":
-                    step += [(sub_schema["items"], item) for item in value]
-                elif key in value:
-                    step.append((sub_schema["properties"][key], value[key]))
-            targets = step
-        for sub_schema, value in targets:
-            activation = {"self": celpy.json_to_cel(as_cel_values(sub_schema, value))}
-            if not program.evaluate(activation):
-                failed.append(rule)
-    return failed
-
-
 def test_cel_rules_accept_the_full_example(crd_schema: dict[str, Any]) -> None:
-    assert len(rules(crd_schema)) == 4
-    assert violations(crd_schema, FULL) == []
+    assert len(apiserver.rules(crd_schema)) == 4
+    assert apiserver.cel_problems(crd_schema, FULL) == []
 
 
 @pytest.mark.parametrize(("change", "rule_part"), [
-    ({"metadata": {"name": "Orders"}}, "metadata.name"),
-    ({"metadata": {"name": "x" * 64}}, "metadata.name"),
-    ({"spec": {"carriers": {"minReplicas": 5, "maxReplicas": 4}}}, "maxReplicas >="),
+    ({"metadata": {"name": "Orders"}}, "metadata.name must be"),
+    ({"metadata": {"name": "x" * 64}}, "metadata.name must be"),
+    ({"spec": {"carriers": {"minReplicas": 5, "maxReplicas": 4}}}, "maxReplicas must be >="),
     ({"spec": {"carriers": {"metric": {"type": "Server", "prometheus": {
-        "serverAddress": "http://prometheus:9090", "query": "up"}}}}}, "Prometheus"),
+        "serverAddress": "http://prometheus:9090", "query": "up"}}}}}, "metric.prometheus is"),
     ({"spec": {"queues": [{"name": "q", "minBackoffSeconds": 5, "maxBackoffSeconds": 2.5}]}},
-     "minBackoffSeconds <="),
+     "minBackoffSeconds must be <="),
 ])
 def test_cel_rules_refuse_cross_field_mistakes(
     crd_schema: dict[str, Any], change: dict[str, Any], rule_part: str
@@ -200,5 +137,5 @@ def test_cel_rules_refuse_cross_field_mistakes(
                 body[section][key] = {**body[section][key], **value}
             else:
                 body[section][key] = value
-    failed = violations(crd_schema, body)
+    failed = apiserver.cel_problems(crd_schema, body)
     assert len(failed) == 1 and rule_part in failed[0]

@@ -22,8 +22,11 @@ kind: AsyncQueue
 metadata:
   name: {{ $example.name }}
   namespace: {{ .Release.Namespace }}
+  # Not Helm's labels: the Job creates this object, Helm neither owns nor upgrades it, so
+  # managed-by: Helm and the chart version would be false (and stale after an upgrade).
+  {{- $labels := omit (include "ap4k.labels" . | fromYaml) "app.kubernetes.io/managed-by" "helm.sh/chart" }}
   labels:
-    {{- include "ap4k.labels" . | nindent 4 }}
+    {{- toYaml $labels | nindent 4 }}
 spec:
   database:
     secretName: {{ $secretName }}

@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
     logging.getLogger().setLevel(level)
+    from ap4k.operator import logfilter
+
+    logfilter.install()
 
     import ap4k.operator.handlers  # noqa: F401  (registers the handlers with kopf)
 

@@ -16,12 +16,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from ap4k.core import names
+
 MetricType = Literal["Server", "Prometheus"]
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 # The Service is named after the resource: a DNS-1035 label.
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 _HTTP_URL = re.compile(r"^https?://\S+$")
 
 # spec.queues[] fields (camelCase, as in the CRD) → the server's PUT /v1/queues/{name} fields.
@@ -235,7 +236,7 @@ def _parse_queue(raw: Any, index: int) -> QueueSpec:
     if not isinstance(raw, Mapping):
         raise SpecError(path, "must be an object")
     name = _str(raw, "name", path)
-    if len(name) > 200 or not _QUEUE_NAME.match(name):
+    if not names.QUEUE_NAME.fullmatch(name):  # not match(): "$" matches before a final "\n"
         raise SpecError(f"{path}.name", f"is not a valid queue name: {name!r}")
     settings: dict[str, Any] = {}
     for key, value in raw.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from ap4k.core import names
 from ap4k.server.validation import (
     HEADER_NAME,
     MAX_ATTEMPTS_LIMIT,
@@ -57,7 +58,7 @@ QUEUE_PARAM = {
     "name": "queue",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+    "schema": {"type": "string", "pattern": names.QUEUE_NAME_PATTERN},
 }
 ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 

@@ -16,9 +16,10 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from ap4k.core import names
 from ap4k.server.errors import ApiError, invalid
 
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+QUEUE_NAME = names.QUEUE_NAME
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 # Headers that belong to the transport or to ap4k itself, not to the message.
