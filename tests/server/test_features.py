@@ -10,6 +10,8 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from ap4k.core.delivery import Deliverer, Delivery, Verdict
 from ap4k.core.targets import BlockedAddressError, GuardedResolver
 from ap4k_testkit import Api, Received, StartServer, count_rows, sink
@@ -314,3 +316,48 @@ async def test_an_idle_server_hands_new_messages_straight_to_a_dispatcher(api: A
         await api.settings("direct", paused=True)
         paused = await api.send("direct", {"target": target.url})
         assert paused["state"] == "available"
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["2852039166", "0251.0376.0251.0376", "169.254.43518", "0xa9fea9fe", "169.254.169.254.",
+     "[::ffff:a9fe:a9fe]", "metadata.google.internal.", "0.0.0.0", "[::]"],
+)
+async def test_delivery_refuses_every_spelling_of_a_blocked_host(host: str) -> None:
+    """A message stored before a guard was in place (or queued while its queue allowed the
+    host) is refused at delivery time in whatever spelling it names the host."""
+    deliverer = Deliverer()
+    try:
+        outcome = await deliverer.deliver(
+            Delivery(1, "q", 1, 3, f"http://{host}:9/x", "POST", None, b"{}", 2.0, time.time())
+        )
+    finally:
+        await deliverer.close()
+    assert outcome.verdict is Verdict.FAIL, outcome
+    assert outcome.error is not None and outcome.error.startswith("refused:"), outcome
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "2852039166", "0xa9fea9fe", "169.254.43518"])
+async def test_delivery_guard_checks_what_numeric_spellings_resolve_to(host: str) -> None:
+    resolver = GuardedResolver()
+    try:
+        with pytest.raises(BlockedAddressError):
+            await resolver.resolve(host, 80)
+    finally:
+        await resolver.close()
+
+
+async def test_unspecified_address_reaches_this_host_only_when_explicitly_allowed(
+    api: Api,
+) -> None:
+    """0.0.0.0 connects to the loopback interface: refused by default, and delivered to the
+    local target once the queue's allow-list names it."""
+    async with sink() as target:
+        url = f"http://0.0.0.0:{target.port}/hook"
+        status, body = await api.call("POST", "/v1/queues/local/messages", json={"target": url})
+        assert status == 400 and body["error"]["field"] == "target", body
+        assert "unspecified" in body["error"]["message"]
+        await api.settings("local", allowed_targets=[f"http://0.0.0.0:{target.port}/"])
+        sent = await api.send("local", {"target": url})
+        await api.wait_state(sent["id"], "completed")
+        assert target.delivered_ids() == {sent["id"]: 1}

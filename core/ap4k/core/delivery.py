@@ -17,7 +17,7 @@ from enum import StrEnum
 import aiohttp
 from yarl import URL
 
-from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_address
+from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_host
 
 USER_AGENT = "ap4k/0.1"
 # Retry-After can ask for anything; we wait at most a day.
@@ -128,12 +128,12 @@ class Deliverer:
         self._guarded = self._open = None
 
     def _parse(self, target: str) -> tuple[URL, bool]:
-        """The parsed URL and whether its host is a literal blocked address (cached: a
-        queue's deliveries mostly go to a handful of targets)."""
+        """The parsed URL and whether its host is a blocked address in any spelling or a
+        metadata name (cached: a queue's deliveries mostly go to a handful of targets)."""
         hit = self._urls.get(target)
         if hit is None:
             url = URL(target)
-            hit = (url, is_blocked_address(url.host or ""))
+            hit = (url, is_blocked_host(url.raw_host or ""))
             if len(self._urls) > 10_000:
                 self._urls.clear()
             self._urls[target] = hit
@@ -158,7 +158,9 @@ class Deliverer:
         try:
             url, blocked = self._parse(d.target)
             if guarded and blocked:
-                raise BlockedAddressError(f"{url.host} is a link-local or metadata address")
+                raise BlockedAddressError(
+                    f"{url.host} is a link-local, metadata or unspecified address"
+                )
             timeout = self._timeouts.get(d.timeout_seconds)
             if timeout is None:
                 timeout = self._timeouts[d.timeout_seconds] = aiohttp.ClientTimeout(
