@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import quote
 
 import aiohttp
@@ -33,6 +32,7 @@ from ap4k.client.models import (
     DeadLetters,
     Enqueued,
     Message,
+    MessageOptions,
     NewMessage,
     Queue,
     QueueSettings,
@@ -116,35 +116,10 @@ class AsyncClient:
     # -- messages ---------------------------------------------------------------------------
 
     async def send(
-        self,
-        queue: str,
-        target: str,
-        body: JSON = None,
-        *,
-        method: str | None = None,
-        headers: dict[str, str] | None = None,
-        delay_seconds: float | None = None,
-        not_before: datetime | None = None,
-        priority: int | None = None,
-        dedup_key: str | None = None,
-        ordering_key: str | None = None,
-        max_attempts: int | None = None,
-        timeout_seconds: float | None = None,
+        self, queue: str, target: str, body: JSON = None, **options: Unpack[MessageOptions]
     ) -> Enqueued:
         """Enqueue one message; returns once the server has committed it."""
-        message = NewMessage(
-            target=target,
-            body=body,
-            method=method,
-            headers=headers,
-            delay_seconds=delay_seconds,
-            not_before=not_before,
-            priority=priority,
-            dedup_key=dedup_key,
-            ordering_key=ordering_key,
-            max_attempts=max_attempts,
-            timeout_seconds=timeout_seconds,
-        )
+        message = NewMessage(target, body, **options)
         return await self.send_message(queue, message)
 
     async def send_message(self, queue: str, message: NewMessage) -> Enqueued:
@@ -179,9 +154,7 @@ class AsyncClient:
         """One POST of up to 1,000 messages already in the API's JSON form."""
         if len(payloads) > MAX_BATCH:
             raise ValueError(f"at most {MAX_BATCH} messages per batch")
-        data = await self._request(
-            "POST", _queue_path(queue, "messages"), {"messages": payloads}
-        )
+        data = await self._request("POST", _queue_path(queue, "messages"), {"messages": payloads})
         results = [Enqueued.from_json(item) for item in data["messages"]]
         if len(results) != len(payloads):
             raise Ap4kError(

@@ -13,9 +13,8 @@ import asyncio
 import os
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from ap4k.client.async_client import DEFAULT_SERVER_URL, AsyncClient
 from ap4k.client.models import (
@@ -24,6 +23,7 @@ from ap4k.client.models import (
     DeadLetters,
     Enqueued,
     Message,
+    MessageOptions,
     NewMessage,
     Queue,
     QueueSettings,
@@ -121,35 +121,10 @@ class Client:
         self.close()
 
     def send(
-        self,
-        queue: str,
-        target: str,
-        body: JSON = None,
-        *,
-        method: str | None = None,
-        headers: dict[str, str] | None = None,
-        delay_seconds: float | None = None,
-        not_before: datetime | None = None,
-        priority: int | None = None,
-        dedup_key: str | None = None,
-        ordering_key: str | None = None,
-        max_attempts: int | None = None,
-        timeout_seconds: float | None = None,
+        self, queue: str, target: str, body: JSON = None, **options: Unpack[MessageOptions]
     ) -> Enqueued:
         """Enqueue one message; returns once the server has committed it."""
-        message = NewMessage(
-            target=target,
-            body=body,
-            method=method,
-            headers=headers,
-            delay_seconds=delay_seconds,
-            not_before=not_before,
-            priority=priority,
-            dedup_key=dedup_key,
-            ordering_key=ordering_key,
-            max_attempts=max_attempts,
-            timeout_seconds=timeout_seconds,
-        )
+        message = NewMessage(target, body, **options)
         return self.send_message(queue, message)
 
     def send_message(self, queue: str, message: NewMessage) -> Enqueued:

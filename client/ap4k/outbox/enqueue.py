@@ -7,45 +7,15 @@ caller's transaction commits. A rolled-back transaction leaves no message behind
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
-from typing import Any
+from typing import Any, Unpack
 
 import orjson
 
-from ap4k.client.models import JSON, NewMessage
+from ap4k.client.models import JSON, MessageOptions, NewMessage
 from ap4k.outbox import sql
 
 # (queue, message JSON without the delay, ordering_key, not_before ISO, delay seconds)
 Row = tuple[str, str, str | None, str | None, float | None]
-
-
-def build_message(
-    target: str,
-    body: JSON = None,
-    *,
-    method: str | None = None,
-    headers: dict[str, str] | None = None,
-    delay_seconds: float | None = None,
-    not_before: datetime | None = None,
-    priority: int | None = None,
-    dedup_key: str | None = None,
-    ordering_key: str | None = None,
-    max_attempts: int | None = None,
-    timeout_seconds: float | None = None,
-) -> NewMessage:
-    return NewMessage(
-        target=target,
-        body=body,
-        method=method,
-        headers=headers,
-        delay_seconds=delay_seconds,
-        not_before=not_before,
-        priority=priority,
-        dedup_key=dedup_key,
-        ordering_key=ordering_key,
-        max_attempts=max_attempts,
-        timeout_seconds=timeout_seconds,
-    )
 
 
 def to_row(queue: str, message: NewMessage | Mapping[str, JSON]) -> Row:
@@ -67,8 +37,9 @@ def to_row(queue: str, message: NewMessage | Mapping[str, JSON]) -> Row:
     )
 
 
-def _columns(rows: list[Row]) -> tuple[str, list[str], list[str | None], list[str | None],
-                                       list[str | None]]:
+def _columns(
+    rows: list[Row],
+) -> tuple[str, list[str], list[str | None], list[str | None], list[str | None]]:
     queues = {row[0] for row in rows}
     if len(queues) != 1:
         raise ValueError("enqueue_many takes messages for one queue")
@@ -91,35 +62,15 @@ async def enqueue(
     target: str,
     body: JSON = None,
     *,
-    method: str | None = None,
-    headers: dict[str, str] | None = None,
-    delay_seconds: float | None = None,
-    not_before: datetime | None = None,
-    priority: int | None = None,
-    dedup_key: str | None = None,
-    ordering_key: str | None = None,
-    max_attempts: int | None = None,
-    timeout_seconds: float | None = None,
     notify: bool = True,
+    **options: Unpack[MessageOptions],
 ) -> int:
     """Add a message to the outbox within `conn`'s current transaction; returns the row id.
 
     `conn` is an asyncpg connection (or a psycopg 3 AsyncConnection). With `notify`, the
     forwarder is woken at commit; without, it finds the row at its next poll.
     """
-    message = build_message(
-        target,
-        body,
-        method=method,
-        headers=headers,
-        delay_seconds=delay_seconds,
-        not_before=not_before,
-        priority=priority,
-        dedup_key=dedup_key,
-        ordering_key=ordering_key,
-        max_attempts=max_attempts,
-        timeout_seconds=timeout_seconds,
-    )
+    message = NewMessage(target, body, **options)
     row = to_row(queue, message)
     statement = sql.ENQUEUE_NOTIFY if notify else sql.ENQUEUE
     if _is_asyncpg(conn):
@@ -164,31 +115,11 @@ def enqueue_sync(
     target: str,
     body: JSON = None,
     *,
-    method: str | None = None,
-    headers: dict[str, str] | None = None,
-    delay_seconds: float | None = None,
-    not_before: datetime | None = None,
-    priority: int | None = None,
-    dedup_key: str | None = None,
-    ordering_key: str | None = None,
-    max_attempts: int | None = None,
-    timeout_seconds: float | None = None,
     notify: bool = True,
+    **options: Unpack[MessageOptions],
 ) -> int:
     """`enqueue` for a psycopg 3 (synchronous) connection, within its current transaction."""
-    message = build_message(
-        target,
-        body,
-        method=method,
-        headers=headers,
-        delay_seconds=delay_seconds,
-        not_before=not_before,
-        priority=priority,
-        dedup_key=dedup_key,
-        ordering_key=ordering_key,
-        max_attempts=max_attempts,
-        timeout_seconds=timeout_seconds,
-    )
+    message = NewMessage(target, body, **options)
     row = to_row(queue, message)
     statement = sql.ENQUEUE_NOTIFY if notify else sql.ENQUEUE
     with conn.cursor() as cur:

@@ -11,12 +11,13 @@ the CRD are compared by tests/operator/test_crd.py.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from ap4k.core import names
+import msgspec
+
+from ap4k.core import names, wire
 
 MetricType = Literal["Server", "Prometheus"]
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -25,17 +26,17 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _HTTP_URL = re.compile(r"^https?://\S+$")
 
-# spec.queues[] fields (camelCase, as in the CRD) → the server's PUT /v1/queues/{name} fields.
+# Queue settings an AsyncQueue does not carry: a signing secret does not belong in a resource
+# that everyone who may read AsyncQueues can read.
+NOT_IN_RESOURCE = frozenset({"signing_secret"})
+# spec.queues[] fields (camelCase, as in the CRD) → the server's PUT /v1/queues/{name} fields:
+# the server's own settings (`wire.QueueSettingsUpdate`), checked with the same declaration.
 QUEUE_SETTINGS: dict[str, str] = {
-    "maxAttempts": "max_attempts",
-    "minBackoffSeconds": "min_backoff_seconds",
-    "maxBackoffSeconds": "max_backoff_seconds",
-    "rateLimitPerSecond": "rate_limit_per_second",
-    "maxConcurrency": "max_concurrency",
-    "paused": "paused",
-    "baseUrl": "base_url",
-    "allowedTargets": "allowed_targets",
+    wire.snake_to_camel(name): name
+    for name in wire.QueueSettingsUpdate.__struct_fields__
+    if name not in NOT_IN_RESOURCE
 }
+_CAMEL = {snake: camel for camel, snake in QUEUE_SETTINGS.items()}
 
 
 class SpecError(ValueError):
@@ -127,15 +128,6 @@ def _int(raw: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi:
         raise SpecError(f"{path}.{key}", f"must be an integer, got {value!r}")
     if not lo <= value <= hi:
         raise SpecError(f"{path}.{key}", f"must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _number(raw: Mapping[str, Any], key: str, path: str, lo: float, hi: float) -> float | int:
-    value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise SpecError(f"{path}.{key}", f"must be a number, got {value!r}")
-    if not lo <= value <= hi:
-        raise SpecError(f"{path}.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
     return value
 
 
@@ -238,38 +230,20 @@ def _parse_queue(raw: Any, index: int) -> QueueSpec:
     name = _str(raw, "name", path)
     if not names.QUEUE_NAME.fullmatch(name):  # not match(): "$" matches before a final "\n"
         raise SpecError(f"{path}.name", f"is not a valid queue name: {name!r}")
-    settings: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "name" or value is None:
             continue
         if key not in QUEUE_SETTINGS:
             raise SpecError(f"{path}.{key}", "is not a queue setting")
-        if key == "maxAttempts":
-            value = _int(raw, key, path, 1, 1, 1000)
-        elif key == "maxConcurrency":
-            value = _int(raw, key, path, 1, 1, 100_000)
-        elif key in ("minBackoffSeconds", "maxBackoffSeconds"):
-            value = _number(raw, key, path, 0, 86_400)
-        elif key == "rateLimitPerSecond":
-            value = _number(raw, key, path, 0, 1_000_000)
-            if value <= 0:
-                raise SpecError(f"{path}.{key}", "must be greater than 0")
-        elif key == "paused":
-            if not isinstance(value, bool):
-                raise SpecError(f"{path}.{key}", f"must be true or false, got {value!r}")
-        elif key == "baseUrl":
-            value = _url(raw, key, path)
-        elif key == "allowedTargets":
-            if not isinstance(value, Sequence) or isinstance(value, str):
-                raise SpecError(f"{path}.{key}", "must be a list of URL prefixes")
-            if len(value) > 100 or not all(
-                isinstance(item, str) and _HTTP_URL.match(item) for item in value
-            ):
-                raise SpecError(f"{path}.{key}", "must be a list of at most 100 http(s) URLs")
-            value = list(value)
-        settings[QUEUE_SETTINGS[key]] = value
+        given[QUEUE_SETTINGS[key]] = value
+    try:
+        settings = msgspec.convert(given, wire.QueueSettingsUpdate).changes()
+    except msgspec.ValidationError as exc:
+        field, problem = wire.describe(exc, indexed=False)
+        raise SpecError(f"{path}.{_CAMEL.get(field, field)}", problem) from None
     low, high = settings.get("min_backoff_seconds"), settings.get("max_backoff_seconds")
-    if low is not None and high is not None and low > high:
+    if wire.backoff_problem(low, high) is not None:
         raise SpecError(f"{path}.minBackoffSeconds", f"must be <= maxBackoffSeconds ({high})")
     return QueueSpec(name=name, settings=settings)
 

@@ -1,8 +1,9 @@
 """The HTTP API (under /v1): messages, queues, dead letters and the carrier protocol.
 
-Handlers are thin: parse and check the request (validation.py), call the store or the
-services on `Services`, shape the JSON. Every refusal is an ApiError rendered as
-{"error": {"code", "message", "field"}} by the middleware, never a 500.
+Handlers are thin: decode and check the request into a wire object (`ap4k.core.wire`,
+validation.py), call the store or the services on `Services`, answer with a wire object.
+Every refusal is an ApiError rendered as {"error": {"code", "message", "field"}} by the
+middleware, never a 500.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
+import msgspec
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from ap4k.core.delivery import Delivery
+from ap4k.core import wire
+from ap4k.core.delivery import Delivery, Verdict
 from ap4k.core.targets import TargetError
 from ap4k.server.dispatcher import DispatcherPool
 from ap4k.server.errors import ApiError, invalid, not_found
@@ -29,13 +31,22 @@ from ap4k.server.leaser import Leaser
 from ap4k.server.openapi import openapi_document
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import STATES, EnqueueRow, QueueDepth, QueueSettings, Store
+from ap4k.server.store import EnqueueRow, QueueDepth, QueueSettings, Store
 from ap4k.server.validation import (
-    QUEUE_NAME,
+    ACKS,
+    EXTEND,
+    LEASE,
+    REDRIVE,
+    RELEASE,
+    carrier_identity,
+    check_backoff,
     check_queue_name,
+    decode,
+    encode_body,
+    lease_ids,
+    lease_queues,
     parse_enqueue,
     parse_id,
-    parse_json,
     parse_settings,
 )
 from ap4k.server.wakeups import SETTINGS_CHANNEL, Wakeups
@@ -66,7 +77,10 @@ MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+    """`data`: a wire object (or plain JSON values), encoded by msgspec."""
+    return web.Response(
+        body=msgspec.json.encode(data), status=status, content_type="application/json"
+    )
 
 
 # -- middleware -----------------------------------------------------------------------------
@@ -98,7 +112,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.warning("database unavailable: %s", exc)
         body = ApiError(503, "unavailable", "the database is unavailable; retry later").body()
         return web.Response(
-            body=orjson.dumps(body),
+            body=msgspec.json.encode(body),
             status=503,
             content_type="application/json",
             headers={"Retry-After": "1"},
@@ -128,13 +142,19 @@ def _services(request: web.Request) -> Services:
     return request.app[SERVICES]
 
 
-async def _json_body(request: web.Request, *, optional: bool = False) -> Any:
+async def _body(request: web.Request, *, optional: bool = False) -> bytes | None:
     raw = await request.read()
     if not raw.strip():
         if optional:
             return None
         raise ApiError(400, "malformed_json", "request body is empty; JSON expected")
-    return parse_json(raw)
+    return raw
+
+
+async def _json_body(request: web.Request) -> bytes:
+    raw = await _body(request)
+    assert raw is not None
+    return raw
 
 
 def _message_id(request: web.Request) -> int:
@@ -144,45 +164,42 @@ def _message_id(request: web.Request) -> int:
     return msg_id
 
 
-def _iso(value: Any) -> str | None:
-    return None if value is None else value.isoformat()
+def message_view(r: asyncpg.Record) -> wire.MessageView:
+    return wire.MessageView(
+        id=str(r["id"]),
+        queue=r["queue"],
+        state=r["state"],
+        target=r["target"],
+        method=r["method"],
+        headers=msgspec.json.decode(r["headers"]) if r["headers"] else {},
+        # The stored JSON as it is: no decoding and encoding again.
+        body=msgspec.Raw(r["body"]) if r["body"] is not None else None,
+        priority=r["priority"],
+        dedup_key=r["dedup_key"],
+        ordering_key=r["ordering_key"],
+        attempt=r["attempt"],
+        max_attempts=r["max_attempts"],
+        timeout_seconds=float(r["timeout_seconds"]),
+        last_error=r["last_error"],
+        created_at=r["created_at"],
+        scheduled_at=r["scheduled_at"],
+        attempted_at=r["attempted_at"],
+        finalized_at=r["finalized_at"],
+    )
 
 
-def message_json(r: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": str(r["id"]),
-        "queue": r["queue"],
-        "state": r["state"],
-        "target": r["target"],
-        "method": r["method"],
-        "headers": orjson.Fragment(r["headers"]) if r["headers"] else {},
-        "body": orjson.Fragment(r["body"]) if r["body"] is not None else None,
-        "priority": r["priority"],
-        "dedup_key": r["dedup_key"],
-        "ordering_key": r["ordering_key"],
-        "attempt": r["attempt"],
-        "max_attempts": r["max_attempts"],
-        "timeout_seconds": float(r["timeout_seconds"]),
-        "last_error": r["last_error"],
-        "created_at": _iso(r["created_at"]),
-        "scheduled_at": _iso(r["scheduled_at"]),
-        "attempted_at": _iso(r["attempted_at"]),
-        "finalized_at": _iso(r["finalized_at"]),
-    }
-
-
-def queue_json(settings: QueueSettings, depth: QueueDepth | None) -> dict[str, Any]:
-    counts = depth.counts if depth else dict.fromkeys(STATES, 0)
-    return {
-        "name": settings.name,
-        "depth": counts,
-        "oldest_available_age_seconds": depth.oldest_available_age_seconds if depth else 0.0,
-        "settings": settings.public(),
-    }
+def queue_view(settings: QueueSettings, depth: QueueDepth | None) -> wire.QueueView:
+    return wire.QueueView(
+        name=settings.name,
+        depth=wire.QueueDepth(**depth.counts) if depth else wire.QueueDepth(),
+        oldest_available_age_seconds=depth.oldest_available_age_seconds if depth else 0.0,
+        settings=settings.public(),
+    )
 
 
 def default_settings(name: str) -> QueueSettings:
-    return QueueSettings(name, 25, 0.1, 3600.0, None, None, False, None, (), None)
+    """A queue that does not exist yet: the settings it will be created with."""
+    return QueueSettings.from_view(name, wire.QueueSettingsView())
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -223,20 +240,12 @@ async def enqueue(request: web.Request) -> web.Response:
         if hand_off:
             handed.append(i)
         rows.append(
-            (
-                queue,
-                url,
-                m.method,
-                m.headers,
-                m.body,
-                m.priority,
-                m.dedup_key,
-                m.ordering_key,
-                m.max_attempts,
-                m.timeout_seconds,
-                m.delay_seconds,
-                m.not_before,
-                identity if hand_off else None,
+            EnqueueRow(
+                queue=queue,
+                message=m,
+                target=url,
+                body=encode_body(m),
+                leased_by=identity if hand_off else None,
             )
         )
     try:
@@ -252,7 +261,8 @@ async def enqueue(request: web.Request) -> web.Response:
             msg_id, state, duplicate = results[i]
             if duplicate or state != "running":
                 continue
-            m, (url, explicit) = messages[i], targets[i]
+            m, row, (url, explicit) = messages[i], rows[i], targets[i]
+            assert m.timeout_seconds is not None  # validation filled in the default
             dispatchers.take(
                 Delivery(
                     id=msg_id,
@@ -261,8 +271,8 @@ async def enqueue(request: web.Request) -> web.Response:
                     max_attempts=m.max_attempts or settings.max_attempts,
                     target=url,
                     method=m.method,
-                    headers=None if m.headers is None else orjson.loads(m.headers),
-                    body=m.body,
+                    headers=m.headers,
+                    body=row.body,
                     timeout_seconds=m.timeout_seconds,
                     created_at=created_at,
                     signing_secret=settings.signing_secret,
@@ -271,15 +281,15 @@ async def enqueue(request: web.Request) -> web.Response:
             )
             taken += 1
         dispatchers.unreserve(direct - taken)
-    items = [{"id": str(i), "state": s, "duplicate": d} for i, s, d in results]
-    return json_response({"messages": items} if is_batch else items[0], 202)
+    items = [wire.Enqueued(str(i), s, d) for i, s, d in results]
+    return json_response(wire.BatchEnqueued(items) if is_batch else items[0], 202)
 
 
 async def get_message(request: web.Request) -> web.Response:
     record = await _services(request).store.get_message(_message_id(request))
     if record is None:
         raise not_found("message")
-    return json_response(message_json(record))
+    return json_response(message_view(record))
 
 
 async def cancel_message(request: web.Request) -> web.Response:
@@ -304,7 +314,7 @@ async def list_queues(request: web.Request) -> web.Response:
     services = _services(request)
     queues = await services.store.list_queues()
     depths = await services.store.depths()
-    return json_response({"queues": [queue_json(q, depths.get(q.name)) for q in queues]})
+    return json_response(wire.QueueList([queue_view(q, depths.get(q.name)) for q in queues]))
 
 
 async def get_queue(request: web.Request) -> web.Response:
@@ -314,7 +324,7 @@ async def get_queue(request: web.Request) -> web.Response:
     if settings is None:
         raise not_found("queue")
     depths = await services.store.depths(name)
-    return json_response(queue_json(settings, depths.get(name)))
+    return json_response(queue_view(settings, depths.get(name)))
 
 
 async def put_queue(request: web.Request) -> web.Response:
@@ -322,10 +332,10 @@ async def put_queue(request: web.Request) -> web.Response:
     name = check_queue_name(request.match_info["queue"])
     changes = parse_settings(await _json_body(request))
     current = await services.store.get_queue(name) or default_settings(name)
-    low = changes.get("min_backoff_seconds", current.min_backoff_seconds)
-    high = changes.get("max_backoff_seconds", current.max_backoff_seconds)
-    if high < low:
-        raise invalid("max_backoff_seconds", "max_backoff_seconds must be >= min_backoff_seconds")
+    check_backoff(
+        changes.get("min_backoff_seconds", current.min_backoff_seconds),
+        changes.get("max_backoff_seconds", current.max_backoff_seconds),
+    )
     settings = await services.store.update_queue(name, changes)
     services.directory.put(settings)
     services.directory.invalidate(name)
@@ -333,7 +343,7 @@ async def put_queue(request: web.Request) -> web.Response:
     if not settings.paused:
         services.wakeups.announce([name])
     depths = await services.store.depths(name)
-    return json_response(queue_json(settings, depths.get(name)))
+    return json_response(queue_view(settings, depths.get(name)))
 
 
 async def _existing_queue(request: web.Request) -> str:
@@ -348,29 +358,30 @@ async def list_dead(request: web.Request) -> web.Response:
     limit_raw = request.query.get("limit", "100")
     after_raw = request.query.get("after", "0")
     limit = parse_id(limit_raw)
-    if limit is None or not 1 <= limit <= 1000:
-        raise invalid("limit", "limit must be an integer from 1 to 1000")
+    if limit is None or not 1 <= limit <= wire.MAX_PAGE:
+        raise invalid("limit", f"limit must be an integer from 1 to {wire.MAX_PAGE}")
     after = parse_id(after_raw)
     if after is None:
         raise invalid("after", "after must be a message id")
     records = await _services(request).store.list_dead(queue, after, limit)
     next_cursor = str(records[-1]["id"]) if len(records) == limit else None
-    return json_response({"messages": [message_json(r) for r in records], "next": next_cursor})
+    return json_response(wire.DeadLetters([message_view(r) for r in records], next_cursor))
 
 
-def _ids(data: Any) -> list[int] | None:
-    if data is None:
+def _ids(raw: bytes | None) -> list[int] | None:
+    if raw is None:
         return None
-    if not isinstance(data, dict) or set(data) - {"ids"}:
-        raise invalid("body", 'expected {"ids": [message ids]} or no body')
-    ids = data.get("ids")
-    if ids is None:
+    try:
+        given = decode(REDRIVE, raw, indexed=False).ids
+    except ApiError as exc:
+        if exc.code != "invalid_field" or exc.field == "ids":
+            raise
+        raise invalid("body", 'expected {"ids": [message ids]} or no body') from None
+    if given is None:
         return None
-    if not isinstance(ids, list) or len(ids) > 10_000:
-        raise invalid("ids", "ids must be an array of at most 10,000 message ids")
     out = []
-    for value in ids:
-        msg_id = parse_id(str(value) if type(value) in (int, str) else None)
+    for value in given:
+        msg_id = parse_id(str(value))
         if msg_id is None:
             raise invalid("ids", f"{value!r} is not a message id")
         out.append(msg_id)
@@ -380,90 +391,43 @@ def _ids(data: Any) -> list[int] | None:
 async def redrive_dead(request: web.Request) -> web.Response:
     services = _services(request)
     queue = await _existing_queue(request)
-    ids = _ids(await _json_body(request, optional=True))
+    ids = _ids(await _body(request, optional=True))
     count = await services.store.redrive_dead(queue, ids)
     if count:
         services.wakeups.announce([queue])
-    return json_response({"redriven": count})
+    return json_response(wire.Redriven(count))
 
 
 async def purge_dead(request: web.Request) -> web.Response:
     queue = await _existing_queue(request)
-    return json_response({"purged": await _services(request).store.purge_dead(queue, None)})
+    return json_response(wire.Purged(await _services(request).store.purge_dead(queue, None)))
 
 
 # -- the carrier protocol -----------------------------------------------------------------------
 
 
-def _carrier(data: dict[str, Any]) -> str:
-    carrier = data.get("carrier")
-    if not isinstance(carrier, str) or not 1 <= len(carrier) <= 200 or not carrier.isprintable():
-        raise invalid("carrier", "carrier must be the carrier's id: a string of 1-200 characters")
-    return f"carrier:{carrier}"
-
-
-def _number_field(
-    data: dict[str, Any], name: str, default: float, low: float, high: float
-) -> float:
-    value = data.get(name, default)
-    if type(value) not in (int, float) or not low <= value <= high:
-        raise invalid(name, f"{name} must be a number from {low:g} to {high:g}")
-    return float(value)
-
-
-def _leases(data: dict[str, Any], field: str = "leases") -> tuple[list[int], list[int]]:
-    items = data.get(field)
-    if not isinstance(items, list) or len(items) > 10_000:
-        raise invalid(field, f"{field} must be an array of {{id, attempt}}")
-    ids, attempts = [], []
-    for item in items:
-        if not isinstance(item, dict):
-            raise invalid(field, f"each of {field} is an object {{id, attempt}}")
-        msg_id, attempt = item.get("id"), item.get("attempt")
-        parsed = parse_id(msg_id)
-        if parsed is None:
-            raise invalid(f"{field}.id", "id must be a message id string")
-        if type(attempt) is not int or not 1 <= attempt <= 1_000_000:
-            raise invalid(f"{field}.attempt", "attempt must be a positive integer")
-        ids.append(parsed)
-        attempts.append(attempt)
-    return ids, attempts
-
-
 async def lease(request: web.Request) -> web.Response:
     """Lease up to max_messages for a carrier, long-polling up to wait_seconds for work."""
     services = _services(request)
-    data = await _json_body(request)
-    if not isinstance(data, dict):
-        raise invalid("body", "expected a JSON object")
-    unknown = set(data) - {"carrier", "max_messages", "queues", "wait_seconds", "lease_seconds"}
-    if unknown:
-        raise invalid(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r}")
-    leased_by = _carrier(data)
-    max_messages = int(_number_field(data, "max_messages", 100, 1, 1000))
-    wait = _number_field(data, "wait_seconds", 20, 0, 60)
-    lease_seconds = _number_field(data, "lease_seconds", 60, 1, 3600)
-    wanted = data.get("queues")
-    if wanted is not None and (
-        not isinstance(wanted, list) or not all(isinstance(q, str) for q in wanted)
-    ):
-        raise invalid("queues", "queues must be an array of queue names")
-    if wanted is not None and not all(QUEUE_NAME.fullmatch(q) for q in wanted):
-        raise invalid("queues", "queues must be an array of valid queue names")
-    deadline = time.monotonic() + wait
-    messages: list[dict[str, Any]] = []
+    body = decode(LEASE, await _json_body(request), indexed=False)
+    leased_by = carrier_identity(body.carrier)
+    wanted = lease_queues(body.queues)
+    deadline = time.monotonic() + body.wait_seconds
+    messages: list[wire.LeasedMessage] = []
+    ids: list[int] = []
     secrets: dict[str, str] = {}
     while True:
         queues = wanted or await services.directory.unpaused_names()
         for queue in queues:
-            room = max_messages - len(messages)
+            room = body.max_messages - len(messages)
             if room <= 0:
                 break
             settings = await services.directory.get(queue, create=False)
             if settings is None or settings.paused:
                 continue
-            for item in await services.leaser.lease(settings, room, leased_by, lease_seconds):
-                messages.append(_leased_json(item))
+            for item in await services.leaser.lease(settings, room, leased_by, body.lease_seconds):
+                messages.append(_leased(item))
+                ids.append(item.id)
                 if item.signing_secret:
                     secrets[queue] = item.signing_secret
         remaining = deadline - time.monotonic()
@@ -474,134 +438,100 @@ async def lease(request: web.Request) -> web.Response:
     transport = request.transport
     if messages and (transport is None or transport.is_closing()):
         # The carrier hung up while we leased for it: give the leases back at once.
-        await services.store.release(
-            leased_by, [int(m["id"]) for m in messages], [m["attempt"] for m in messages]
-        )
+        await services.store.release(leased_by, ids, [m.attempt for m in messages])
         raise ApiError(499, "client_closed", "the carrier closed the connection")
-    return json_response({"messages": messages, "signing_secrets": secrets})
+    return json_response(wire.Leased(messages, secrets))
 
 
-def _leased_json(d: Delivery) -> dict[str, Any]:
-    return {
-        "id": str(d.id),
-        "queue": d.queue,
-        "attempt": d.attempt,
-        "max_attempts": d.max_attempts,
-        "target": d.target,
-        "method": d.method,
-        "headers": d.headers or {},
-        # The stored JSON text as a string: carriers send these exact bytes.
-        "body_json": None if d.body is None else d.body.decode(),
-        "timeout_seconds": d.timeout_seconds,
-        "created_at": d.created_at,
-        "ordering_key": d.ordering_key,
-        "explicitly_allowed": d.explicitly_allowed,
-    }
-
-
-VERDICTS = {"delivered", "retry", "fail"}
+def _leased(d: Delivery) -> wire.LeasedMessage:
+    return wire.LeasedMessage(
+        id=str(d.id),
+        queue=d.queue,
+        attempt=d.attempt,
+        max_attempts=d.max_attempts,
+        target=d.target,
+        method=d.method,
+        headers=d.headers or {},
+        body_json=None if d.body is None else d.body.decode(),
+        timeout_seconds=d.timeout_seconds,
+        created_at=d.created_at,
+        ordering_key=d.ordering_key,
+        explicitly_allowed=d.explicitly_allowed,
+    )
 
 
 async def ack(request: web.Request) -> web.Response:
     services = _services(request)
-    data = await _json_body(request)
-    if not isinstance(data, dict):
-        raise invalid("body", "expected a JSON object")
-    leased_by = _carrier(data)
-    acks = data.get("acks")
-    if not isinstance(acks, list) or len(acks) > 10_000:
-        raise invalid("acks", "acks must be an array of outcomes")
-    ids, attempts = _leases(data, "acks")
-    reports = []
-    for item, msg_id, attempt in zip(acks, ids, attempts, strict=True):
-        outcome = item.get("outcome")
-        if not isinstance(outcome, str) or outcome not in VERDICTS:
-            raise invalid("acks.outcome", f"outcome must be one of {sorted(VERDICTS)}")
-        error = item.get("error")
-        if error is not None and not isinstance(error, str):
-            raise invalid("acks.error", "error must be a string")
-        if error is not None and "\x00" in error:
-            raise invalid("acks.error", "error must not contain NUL characters")
-        retry_after = item.get("retry_after")
-        if retry_after is not None and (
-            type(retry_after) not in (int, float) or not 0 <= retry_after <= 86400
-        ):
-            raise invalid("acks.retry_after", "retry_after must be seconds from 0 to 86400")
-        duration = item.get("duration_seconds")
-        if duration is not None and (type(duration) not in (int, float) or duration < 0):
-            raise invalid("acks.duration_seconds", "duration_seconds must be a non-negative number")
-        queue = item.get("queue") if isinstance(item.get("queue"), str) else None
-        reports.append(
-            OutcomeReport(
-                msg_id,
-                attempt,
-                outcome,
-                None if retry_after is None else float(retry_after),
-                error,
-                None if duration is None else float(duration),
-                queue,
-            )
+    body = decode(ACKS, await _json_body(request), indexed=False)
+    leased_by = carrier_identity(body.carrier)
+    ids = lease_ids(body.acks, "acks")
+    reports = [
+        OutcomeReport(
+            id=msg_id,
+            attempt=item.attempt,
+            verdict=Verdict(item.outcome),
+            retry_after=item.retry_after,
+            error=item.error,
+            duration=item.duration_seconds,
+            queue=item.queue,
         )
+        for item, msg_id in zip(body.acks, ids, strict=True)
+    ]
     accepted = await services.recorder.record(leased_by, reports) if reports else []
     return json_response(
-        {
-            "accepted": [str(r.id) for r, ok in zip(reports, accepted, strict=True) if ok],
-            "refused": [str(r.id) for r, ok in zip(reports, accepted, strict=True) if not ok],
-        }
+        wire.AckResult(
+            accepted=[str(r.id) for r, ok in zip(reports, accepted, strict=True) if ok],
+            refused=[str(r.id) for r, ok in zip(reports, accepted, strict=True) if not ok],
+        )
     )
-
-
-async def _lease_list(request: web.Request) -> tuple[dict[str, Any], str, list[int], list[int]]:
-    """The body of extend and release: (body, leased_by, ids, attempts)."""
-    data = await _json_body(request)
-    if not isinstance(data, dict):
-        raise invalid("body", "expected a JSON object")
-    leased_by = _carrier(data)
-    ids, attempts = _leases(data)
-    return data, leased_by, ids, attempts
 
 
 async def extend_leases(request: web.Request) -> web.Response:
     services = _services(request)
-    data, leased_by, ids, attempts = await _lease_list(request)
-    seconds = _number_field(data, "lease_seconds", 60, 1, 3600)
-    rows = await services.store.extend(leased_by, ids, attempts, seconds) if ids else []
+    body = decode(EXTEND, await _json_body(request), indexed=False)
+    leased_by = carrier_identity(body.carrier)
+    ids = lease_ids(body.leases, "leases")
+    attempts = [ref.attempt for ref in body.leases]
+    rows = await services.store.extend(leased_by, ids, attempts, body.lease_seconds) if ids else []
     extended = {r["id"]: r["lease_expires_at"] for r in rows}
     return json_response(
-        {
-            "extended": [{"id": str(i), "lease_expires_at": _iso(t)} for i, t in extended.items()],
-            "refused": [str(i) for i in ids if i not in extended],
-        }
+        wire.Extended(
+            extended=[wire.Extension(str(i), t) for i, t in extended.items()],
+            refused=[str(i) for i in ids if i not in extended],
+        )
     )
 
 
 async def release_leases(request: web.Request) -> web.Response:
     services = _services(request)
-    _, leased_by, ids, attempts = await _lease_list(request)
+    body = decode(RELEASE, await _json_body(request), indexed=False)
+    leased_by = carrier_identity(body.carrier)
+    ids = lease_ids(body.leases, "leases")
+    attempts = [ref.attempt for ref in body.leases]
     rows = await services.store.release(leased_by, ids, attempts) if ids else []
     if rows:
         services.wakeups.announce({r["queue"] for r in rows})
-    return json_response({"released": [str(r["id"]) for r in rows]})
+    return json_response(wire.Released([str(r["id"]) for r in rows]))
 
 
 # -- health and documents -------------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(wire.Health("ok"))
 
 
 async def readyz(request: web.Request) -> web.Response:
     services = _services(request)
     if not services.ready:
-        return json_response({"status": "draining"}, 503)
+        return json_response(wire.Health("draining"), 503)
     try:
         async with asyncio.timeout(2):
             async with services.store.pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
     except (TimeoutError, *DB_ERRORS):
-        return json_response({"status": "database unavailable"}, 503)
-    return json_response({"status": "ready"})
+        return json_response(wire.Health("database unavailable"), 503)
+    return json_response(wire.Health("ready"))
 
 
 async def openapi(request: web.Request) -> web.Response:

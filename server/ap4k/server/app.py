@@ -150,11 +150,11 @@ class Server:
         for row, (_, state, duplicate) in zip(rows, results, strict=True):
             if duplicate:
                 continue
-            counts[row[0]] += 1
+            counts[row.queue] += 1
             if state == "available":
-                available.add(row[0])
-                if row[5] > 0:
-                    prioritised.add(row[0])
+                available.add(row.queue)
+                if row.message.priority > 0:
+                    prioritised.add(row.queue)
             elif state == "scheduled":
                 scheduled = True
         for queue, n in counts.items():

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
+from ap4k.core import wire
 from ap4k.server import queries
 from ap4k.server.migrate import migrate
-from ap4k.server.validation import SETTING_FIELDS
 
 STATES = ("available", "scheduled", "running", "retryable", "discarded")
 
@@ -47,19 +47,36 @@ class QueueSettings:
             signing_secret=r["signing_secret"],
         )
 
-    def public(self) -> dict[str, Any]:
+    @classmethod
+    def from_view(cls, name: str, view: wire.QueueSettingsView) -> QueueSettings:
+        """`view`'s settings (with no signing secret): `wire.QueueSettingsView()` holds a new
+        queue's defaults."""
+        return cls(
+            name=name,
+            max_attempts=view.max_attempts,
+            min_backoff_seconds=view.min_backoff_seconds,
+            max_backoff_seconds=view.max_backoff_seconds,
+            rate_limit_per_second=view.rate_limit_per_second,
+            max_concurrency=view.max_concurrency,
+            paused=view.paused,
+            base_url=view.base_url,
+            allowed_targets=tuple(view.allowed_targets),
+            signing_secret=None,
+        )
+
+    def public(self) -> wire.QueueSettingsView:
         """The settings as the API shows them: the signing secret never leaves the server."""
-        return {
-            "max_attempts": self.max_attempts,
-            "min_backoff_seconds": self.min_backoff_seconds,
-            "max_backoff_seconds": self.max_backoff_seconds,
-            "rate_limit_per_second": self.rate_limit_per_second,
-            "max_concurrency": self.max_concurrency,
-            "paused": self.paused,
-            "base_url": self.base_url,
-            "allowed_targets": list(self.allowed_targets),
-            "signing_secret_set": self.signing_secret is not None,
-        }
+        return wire.QueueSettingsView(
+            max_attempts=self.max_attempts,
+            min_backoff_seconds=self.min_backoff_seconds,
+            max_backoff_seconds=self.max_backoff_seconds,
+            rate_limit_per_second=self.rate_limit_per_second,
+            max_concurrency=self.max_concurrency,
+            paused=self.paused,
+            base_url=self.base_url,
+            allowed_targets=list(self.allowed_targets),
+            signing_secret_set=self.signing_secret is not None,
+        )
 
 
 @dataclass(slots=True)
@@ -68,22 +85,35 @@ class QueueDepth:
     oldest_available_age_seconds: float
 
 
-# One row of the ENQUEUE statement's input, in its column order.
-EnqueueRow = tuple[
-    str,  # queue
-    str,  # target (absolute URL)
-    str,  # method
-    str | None,  # headers (JSON)
-    bytes | None,  # body (JSON)
-    int,  # priority
-    str | None,  # dedup_key
-    str | None,  # ordering_key
-    int | None,  # max_attempts
-    float,  # timeout_seconds
-    float | None,  # delay_seconds
-    datetime | None,  # not_before
-    str | None,  # leased_by: hand straight to this dispatcher
-]
+@dataclass(frozen=True, slots=True)
+class EnqueueRow:
+    """One message for the ENQUEUE statement."""
+
+    queue: str
+    message: wire.MessageIn  # checked and normalised by validation.parse_enqueue
+    target: str  # the absolute URL the message's target resolved to
+    body: bytes | None  # JSON
+    leased_by: str | None = None  # handed straight to this dispatcher
+
+
+def _enqueue_columns(rows: Sequence[EnqueueRow]) -> list[list[Any]]:
+    """ENQUEUE's array parameters, in its column order."""
+    messages = [r.message for r in rows]
+    return [
+        [r.queue for r in rows],
+        [r.target for r in rows],
+        [m.method for m in messages],
+        [None if not m.headers else msgspec.json.encode(m.headers).decode() for m in messages],
+        [r.body for r in rows],
+        [m.priority for m in messages],
+        [m.dedup_key for m in messages],
+        [m.ordering_key for m in messages],
+        [m.max_attempts for m in messages],
+        [m.timeout_seconds for m in messages],
+        [m.delay_seconds for m in messages],
+        [m.not_before for m in messages],
+        [r.leased_by for r in rows],
+    ]
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
@@ -139,13 +169,15 @@ class Store:
         self, rows: Sequence[EnqueueRow], lease_seconds: float = 30.0
     ) -> list[tuple[int, str, bool]]:
         """Insert rows in one statement; per row (id, state, duplicate), in input order."""
-        columns = list(zip(*rows, strict=True))
+        columns = _enqueue_columns(rows)
         async with self.pool.acquire() as conn:
             records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
             results = [(r["id"], r["state"], r["duplicate"]) for r in records]
             for i, (msg_id, _, _) in enumerate(results):
                 if msg_id is None:  # a duplicate committed concurrently with us
-                    again = await conn.fetchrow(queries.FIND_BY_DEDUP_KEY, rows[i][0], rows[i][6])
+                    again = await conn.fetchrow(
+                        queries.FIND_BY_DEDUP_KEY, rows[i].queue, rows[i].message.dedup_key
+                    )
                     assert again is not None
                     results[i] = (again["id"], again["state"], True)
         return results
@@ -297,7 +329,7 @@ class Store:
             if not changes:
                 record = await conn.fetchrow(queries.GET_QUEUE, name)
             else:
-                columns = [c for c in SETTING_FIELDS if c in changes]
+                columns = [c for c in wire.QueueSettingsUpdate.__struct_fields__ if c in changes]
                 assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
                 sql = queries.UPDATE_QUEUE_TEMPLATE.format(
                     assignments=assignments, columns=queries.QUEUE_COLUMNS

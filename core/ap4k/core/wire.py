@@ -1,0 +1,431 @@
+"""The HTTP API's wire objects, declared once: every body that the server takes or gives.
+
+The server decodes and checks requests with these declarations (msgspec validates while it
+parses, in C), the OpenAPI document is generated from them (`msgspec.json.schema_components`),
+the client sends and reads them, and the operator checks an AsyncQueue's queue settings with
+the same ones. A bound is therefore one edit here: tests/wire/test_wire.py reads each queue
+setting's bound back from the server, the client, the OpenAPI document and the CRD.
+
+What a type cannot say (a URL that parses, a header ap4k reserves, a delay given twice) is
+checked after decoding by the server (`ap4k.server.validation`), with the same error body.
+
+Import only the standard library and msgspec here: `pip install ap4k` (the client) has
+nothing else but aiohttp and orjson.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from ap4k.core import names
+
+# -- bounds -----------------------------------------------------------------------------------
+
+MAX_BATCH = 1000
+MAX_TARGET_LENGTH = 4096
+MAX_HEADERS = 64
+MAX_KEY_LENGTH = 256
+PRIORITY_LIMIT = 1000
+MAX_ATTEMPTS_LIMIT = 1000
+MAX_DELAY_SECONDS = 365 * 86400.0
+# A delivery timeout under a millisecond means nothing, and the column is a float4 that
+# rounds tiny values to 0, which the HTTP client would read as "no timeout at all".
+MIN_TIMEOUT_SECONDS = 0.001
+MAX_TIMEOUT_SECONDS = 1800.0
+DEFAULT_TIMEOUT_SECONDS = 30.0
+MAX_BACKOFF_LIMIT_SECONDS = 86400.0
+MAX_RATE_LIMIT = 1e6
+MAX_CONCURRENCY_LIMIT = 1_000_000
+MAX_ALLOWED_TARGETS = 100
+MAX_LEASE_IDS = 10_000
+MAX_LEASE_ATTEMPT = 1_000_000
+MAX_PAGE = 1000  # dead letters per page
+
+# Patterns end in `$(?!\\n)`: msgspec matches with Python's `re`, whose `$` also matches before
+# a final newline ("name\\n" would pass); the lookahead means the same in JSON Schema's dialect.
+END = "$(?!\\n)"
+METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+STATES = ("scheduled", "available", "running", "retryable", "completed", "discarded", "cancelled")
+# Shared with the CRD, whose dialect has no lookahead: the server checks with fullmatch.
+QUEUE_NAME_PATTERN = names.QUEUE_NAME_PATTERN
+HEADER_NAME_PATTERN = "^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}" + END
+# C0 controls and DEL: never part of a URL, and NUL cannot even be stored in a text column.
+NO_CONTROLS = "^[^\\x00-\\x1f\\x7f]*" + END
+NO_NUL = "^[^\\x00]*" + END
+# RFC 9110 field-value: no controls but horizontal tab.
+HEADER_VALUE_PATTERN = "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*" + END
+URL_PREFIX_PATTERN = "^https?://[^\\x00-\\x1f\\x7f]+" + END
+MESSAGE_ID_PATTERN = "^[0-9]{1,19}" + END
+
+# -- field types ------------------------------------------------------------------------------
+
+Target = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_TARGET_LENGTH,
+        pattern=NO_CONTROLS,
+        description="http(s) URL, or a path joined to the queue's base_url",
+    ),
+]
+Method = Annotated[str, Meta(extra_json_schema={"enum": list(METHODS)})]
+HeaderName = Annotated[str, Meta(pattern=HEADER_NAME_PATTERN)]
+HeaderValue = Annotated[str, Meta(pattern=HEADER_VALUE_PATTERN)]
+Headers = Annotated[dict[HeaderName, HeaderValue], Meta(max_length=MAX_HEADERS)]
+Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LENGTH, pattern=NO_NUL)]
+Priority = Annotated[int, Meta(ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)]
+Attempts = Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS_LIMIT)]
+DelaySeconds = Annotated[float, Meta(ge=0, le=MAX_DELAY_SECONDS)]
+TimeoutSeconds = Annotated[float, Meta(ge=MIN_TIMEOUT_SECONDS, le=MAX_TIMEOUT_SECONDS)]
+Timestamp = Annotated[datetime, Meta(tz=True)]
+BackoffSeconds = Annotated[float, Meta(ge=0, le=MAX_BACKOFF_LIMIT_SECONDS)]
+RateLimit = Annotated[
+    float,
+    Meta(
+        gt=0,
+        le=MAX_RATE_LIMIT,
+        description="Deliveries per second across the queue (unset means unlimited).",
+    ),
+]
+Concurrency = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=MAX_CONCURRENCY_LIMIT,
+        description="Deliveries in flight across the queue (unset means unlimited).",
+    ),
+]
+UrlPrefix = Annotated[str, Meta(max_length=MAX_TARGET_LENGTH, pattern=URL_PREFIX_PATTERN)]
+AllowedTargets = Annotated[
+    list[UrlPrefix],
+    Meta(max_length=MAX_ALLOWED_TARGETS, description="URL prefixes that targets must start with."),
+]
+SigningSecret = Annotated[str, Meta(min_length=1, max_length=256, pattern=NO_NUL)]
+QueueName = Annotated[str, Meta(pattern=QUEUE_NAME_PATTERN)]
+MessageId = Annotated[str, Meta(pattern=MESSAGE_ID_PATTERN)]
+CarrierId = Annotated[
+    str, Meta(min_length=1, max_length=200, description="the carrier's id, printable text")
+]
+Verdict = Literal["delivered", "retry", "fail"]
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+class MessageIn(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One message to enqueue: the HTTP request ap4k will make later, and how.
+
+    `target` is a URL, or a path joined to the queue's `base_url`. Give at most one of
+    `delay_seconds` and `not_before`. With a `dedup_key`, enqueueing is idempotent: the same
+    key in the same queue returns the existing message (that is what makes retries safe).
+    `body` is any JSON value, delivered as the JSON request body; left out, none is sent.
+    """
+
+    target: Target
+    body: Any = UNSET
+    method: Method = "POST"
+    headers: Headers | None = None
+    delay_seconds: DelaySeconds | None = None
+    not_before: Timestamp | None = None
+    priority: Priority = 0
+    dedup_key: Key | None = None
+    ordering_key: Key | None = None
+    max_attempts: Attempts | None = None
+    timeout_seconds: TimeoutSeconds | None = None
+
+    def __post_init__(self) -> None:
+        # Runs when the server decodes a message and when an application builds one. The
+        # message says which field is at fault ("field: …"); see `validation_field`.
+        if not isinstance(self.target, str) or not self.target:
+            raise ValueError("target: target is required: an http(s) URL or a path")
+        if self.delay_seconds is not None:
+            if self.not_before is not None:
+                raise ValueError("delay_seconds: give delay_seconds or not_before, not both")
+            if self.delay_seconds < 0:
+                raise ValueError("delay_seconds: delay_seconds must not be negative")
+        if self.not_before is not None and self.not_before.tzinfo is None:
+            raise ValueError("not_before: not_before must be timezone-aware")
+
+
+class Batch(Struct, forbid_unknown_fields=True):
+    """Several messages in one request: all are enqueued, or (one being bad) none."""
+
+    messages: Annotated[list[MessageIn], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class Enqueued(Struct):
+    """The answer to an enqueue: committed, with this id and state."""
+
+    id: str
+    state: str
+    duplicate: bool = False
+
+
+class BatchEnqueued(Struct):
+    messages: list[Enqueued]
+
+
+class MessageView(Struct):
+    """A message as the server reports it (`GET /v1/messages/{id}`, dead letters)."""
+
+    id: str
+    queue: str
+    state: str
+    target: str
+    method: str = "POST"
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    body: Any = None
+    priority: int = 0
+    dedup_key: str | None = None
+    ordering_key: str | None = None
+    attempt: int = 0
+    max_attempts: int | None = None
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    last_error: str | None = None
+    created_at: datetime | None = None
+    scheduled_at: datetime | None = None
+    attempted_at: datetime | None = None
+    finalized_at: datetime | None = None
+
+
+class Cancelled(Struct):
+    id: str
+    state: str = "cancelled"
+
+
+class DeadLetters(Struct):
+    """One page of a queue's dead letters; pass `next` as `after` for the following page."""
+
+    messages: list[MessageView]
+    next: str | None = None
+
+
+class IdList(Struct, forbid_unknown_fields=True):
+    """The optional body of a redrive: which dead letters (all when absent)."""
+
+    ids: Annotated[list[MessageId | int], Meta(max_length=MAX_LEASE_IDS)] | None = None
+
+
+class Redriven(Struct):
+    redriven: int
+
+
+class Purged(Struct):
+    purged: int
+
+
+# -- queues -----------------------------------------------------------------------------------
+
+
+class QueueSettingsUpdate(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The body of `PUT /v1/queues/{queue}`: only the settings given are changed."""
+
+    max_attempts: Attempts | UnsetType = UNSET
+    min_backoff_seconds: BackoffSeconds | UnsetType = UNSET
+    max_backoff_seconds: BackoffSeconds | UnsetType = UNSET
+    rate_limit_per_second: RateLimit | UnsetType | None = UNSET
+    max_concurrency: Concurrency | UnsetType | None = UNSET
+    paused: bool | UnsetType = UNSET
+    base_url: UrlPrefix | UnsetType | None = UNSET
+    allowed_targets: AllowedTargets | UnsetType | None = UNSET
+    # Write-only: the server reports only whether one is set.
+    signing_secret: SigningSecret | UnsetType | None = UNSET
+
+    def changes(self) -> dict[str, Any]:
+        """The settings given, by name."""
+        return {
+            name: value
+            for name in self.__struct_fields__
+            if (value := getattr(self, name)) is not UNSET
+        }
+
+
+class QueueSettingsView(Struct):
+    """A queue's settings as the server reports them; the defaults are a new queue's."""
+
+    max_attempts: int = 25
+    min_backoff_seconds: float = 0.1
+    max_backoff_seconds: float = 3600.0
+    rate_limit_per_second: float | None = None
+    max_concurrency: int | None = None
+    paused: bool = False
+    base_url: str | None = None
+    allowed_targets: list[str] = msgspec.field(default_factory=list)
+    signing_secret_set: bool = False
+
+
+class QueueDepth(Struct):
+    """Messages per state; terminal states other than `discarded` are not counted."""
+
+    available: int = 0
+    scheduled: int = 0
+    running: int = 0
+    retryable: int = 0
+    discarded: int = 0
+
+    @property
+    def pending(self) -> int:
+        """Messages not yet delivered nor dead: the backlog."""
+        return self.available + self.scheduled + self.running + self.retryable
+
+
+class QueueView(Struct):
+    name: str
+    depth: QueueDepth = msgspec.field(default_factory=QueueDepth)
+    oldest_available_age_seconds: float = 0.0
+    settings: QueueSettingsView = msgspec.field(default_factory=QueueSettingsView)
+
+
+class QueueList(Struct):
+    queues: list[QueueView]
+
+
+# -- the carrier protocol -------------------------------------------------------------------
+
+
+class LeaseRequest(Struct, forbid_unknown_fields=True):
+    """Lease up to `max_messages`, long-polling up to `wait_seconds` for work."""
+
+    carrier: CarrierId
+    max_messages: Annotated[int, Meta(ge=1, le=1000)] = 100
+    queues: list[QueueName] | None = None
+    wait_seconds: Annotated[float, Meta(ge=0, le=60)] = 20.0
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
+
+
+class LeasedMessage(Struct):
+    id: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    target: str
+    method: str
+    headers: dict[str, str]
+    # The stored JSON text as a string: carriers send these exact bytes.
+    body_json: str | None
+    timeout_seconds: float
+    created_at: float
+    ordering_key: str | None = None
+    explicitly_allowed: bool = False
+
+
+class Leased(Struct):
+    messages: list[LeasedMessage]
+    signing_secrets: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class LeaseRef(Struct, forbid_unknown_fields=True):
+    id: MessageId
+    attempt: Annotated[int, Meta(ge=1, le=MAX_LEASE_ATTEMPT)]
+
+
+class Ack(Struct, forbid_unknown_fields=True):
+    id: MessageId
+    attempt: Annotated[int, Meta(ge=1, le=MAX_LEASE_ATTEMPT)]
+    outcome: Verdict
+    error: Annotated[str, Meta(pattern=NO_NUL)] | None = None
+    retry_after: Annotated[float, Meta(ge=0, le=86400)] | None = None
+    duration_seconds: Annotated[float, Meta(ge=0)] | None = None
+    queue: str | None = None
+
+
+class AckRequest(Struct, forbid_unknown_fields=True):
+    carrier: CarrierId
+    acks: Annotated[list[Ack], Meta(max_length=MAX_LEASE_IDS)]
+
+
+class AckResult(Struct):
+    accepted: list[str]
+    refused: list[str]
+
+
+class ExtendRequest(Struct, forbid_unknown_fields=True):
+    carrier: CarrierId
+    leases: Annotated[list[LeaseRef], Meta(max_length=MAX_LEASE_IDS)]
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
+
+
+class Extension(Struct):
+    id: str
+    lease_expires_at: datetime | None
+
+
+class Extended(Struct):
+    extended: list[Extension]
+    refused: list[str]
+
+
+class ReleaseRequest(Struct, forbid_unknown_fields=True):
+    carrier: CarrierId
+    leases: Annotated[list[LeaseRef], Meta(max_length=MAX_LEASE_IDS)]
+
+
+class Released(Struct):
+    released: list[str]
+
+
+# -- errors and health ----------------------------------------------------------------------
+
+
+class ErrorDetail(Struct):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(Struct):
+    """Every refusal: a 4xx (or a 503) with this body; `field` names the bad field."""
+
+    error: ErrorDetail
+
+
+class Health(Struct):
+    status: str
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def snake_to_camel(name: str) -> str:
+    """`max_backoff_seconds` → `maxBackoffSeconds`: the Kubernetes spelling of a field."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def backoff_problem(low: float | None, high: float | None) -> str | None:
+    """What is wrong with a queue's backoff bounds, if anything (a rule across two fields)."""
+    if low is not None and high is not None and high < low:
+        return "max_backoff_seconds must be >= min_backoff_seconds"
+    return None
+
+
+_NAMED = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
+_OWN = re.compile(r"^([a-z_]+): (.*)$", re.DOTALL)  # the "field: problem" of __post_init__
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def describe(error: msgspec.ValidationError, *, indexed: bool = True) -> tuple[str, str]:
+    """(the bad field's path, what is wrong) from a msgspec validation error: `messages[3].
+    priority` for "... - at `$.messages[3].priority`"; "" for the body as a whole.
+    `indexed=False` drops list positions (`acks.id`)."""
+    text, _, where = str(error).rpartition(" - at `")
+    if not text:
+        text, where = where, "$"
+    where = where.rstrip("`").rpartition("in `")[2]  # "`key` in `$.headers" → "$.headers"
+    path = where.removeprefix("$").removeprefix(".").split("[...]")[0]
+    name = ""
+    if named := _NAMED.match(text):
+        name = named.group(1)
+        verb = "unknown field" if "unknown" in text else "missing required field"
+        text = f"{verb} {name!r}"
+    elif own := _OWN.match(text):
+        name, text = own.groups()
+    if name:
+        path = f"{path}.{name}" if path else name
+    if not indexed:
+        path = _INDEX.sub("", path)
+    return path, text[:1].lower() + text[1:]

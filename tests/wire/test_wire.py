@@ -1,0 +1,158 @@
+"""One declaration per wire object (`ap4k.core.wire`), read back from everything that uses it.
+
+A queue setting's bound is one edit: these tests take each bound from the declaration and
+find it in the server's request parser, the client's type, the OpenAPI document the server
+serves and the CRD's schema for `spec.queues[]` (whose camelCase names are generated from the
+declaration's snake_case ones), and in the operator's parser of an AsyncQueue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import msgspec
+import pytest
+import yaml
+
+from ap4k.client import models
+from ap4k.core import wire
+from ap4k.operator.spec import NOT_IN_RESOURCE, QUEUE_SETTINGS, SpecError, parse_spec
+from ap4k.server.errors import ApiError
+from ap4k.server.openapi import openapi_document
+from ap4k.server.validation import parse_settings
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "charts/ap4k/files/crds/asyncqueues.ap4k.dev.yaml"
+SETTINGS = wire.QueueSettingsUpdate.__struct_fields__
+BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "maxLength", "minLength", "maxItems")
+
+
+def _schema_of(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    _, components = msgspec.json.schema_components([struct])
+    schema: dict[str, Any] = components[struct.__name__]
+    return schema
+
+
+def _value_schema(field: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema without its `null` alternative."""
+    options = [o for o in field.get("anyOf", [field]) if o.get("type") != "null"]
+    (option,) = options
+    return option
+
+
+def _bounds(field: dict[str, Any]) -> dict[str, Any]:
+    option = _value_schema(field)
+    out = {k: option[k] for k in BOUND_KEYS if k in option}
+    if "items" in option:
+        out["items"] = {k: option["items"][k] for k in BOUND_KEYS if k in option["items"]}
+    return out
+
+
+DECLARED = {
+    name: _bounds(_schema_of(wire.QueueSettingsUpdate)["properties"][name]) for name in SETTINGS
+}
+
+
+def _crd_queue_item() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = crd["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    item: dict[str, Any] = spec["properties"]["queues"]["items"]
+    return item
+
+
+def _crd_bounds(field: dict[str, Any]) -> dict[str, Any]:
+    """The CRD's bounds in JSON Schema 2020-12 terms: OpenAPI 3.0's boolean
+    `exclusiveMinimum` becomes the number it qualifies."""
+    out = {k: field[k] for k in BOUND_KEYS if k in field}
+    if out.get("exclusiveMinimum") is True:
+        out["exclusiveMinimum"] = out.pop("minimum")
+    if "items" in field:
+        out["items"] = {k: field["items"][k] for k in BOUND_KEYS if k in field["items"]}
+    return out
+
+
+def test_the_crd_spells_every_queue_setting_the_operator_carries() -> None:
+    item = _crd_queue_item()
+    carried = [name for name in SETTINGS if name not in NOT_IN_RESOURCE]
+    assert {wire.snake_to_camel(name): name for name in carried} == QUEUE_SETTINGS
+    assert set(item["properties"]) == {"name", *QUEUE_SETTINGS}
+    assert QUEUE_SETTINGS["maxBackoffSeconds"] == "max_backoff_seconds"
+
+
+@pytest.mark.parametrize("name", [n for n in SETTINGS if n not in NOT_IN_RESOURCE])
+def test_the_crd_bounds_are_the_declared_ones(name: str) -> None:
+    crd_field = _crd_queue_item()["properties"][wire.snake_to_camel(name)]
+    assert _crd_bounds(crd_field) == DECLARED[name], name
+    json_type = _value_schema(_schema_of(wire.QueueSettingsUpdate)["properties"][name])["type"]
+    assert crd_field["type"] == json_type, name
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_the_openapi_document_and_the_client_carry_the_declared_bounds(name: str) -> None:
+    served = openapi_document()["components"]["schemas"]["QueueSettingsUpdate"]["properties"]
+    assert _bounds(served[name]) == DECLARED[name], name
+    # The client's settings type is the declaration itself, with nothing of its own.
+    assert issubclass(models.QueueSettings, wire.QueueSettingsUpdate)
+    assert models.QueueSettings.__struct_fields__ == SETTINGS
+    client = _schema_of(models.QueueSettings)["properties"][name]
+    assert _bounds(client) == DECLARED[name], name
+
+
+def _edges(bounds: dict[str, Any]) -> list[tuple[float, bool]]:
+    """(value, accepted) pairs at a numeric field's bounds."""
+    edges: list[tuple[float, bool]] = []
+    if "minimum" in bounds:
+        edges += [(bounds["minimum"], True), (bounds["minimum"] - 1, False)]
+    if "exclusiveMinimum" in bounds:
+        low = bounds["exclusiveMinimum"]
+        edges += [(low, False), (math.nextafter(low, math.inf), True)]
+    if "maximum" in bounds:
+        edges += [(bounds["maximum"], True), (bounds["maximum"] + 1, False)]
+    return edges
+
+
+NUMERIC = [n for n in SETTINGS if any(k in DECLARED[n] for k in ("minimum", "maximum"))]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_the_server_and_the_operator_enforce_the_declared_bounds(name: str) -> None:
+    edges = _edges(DECLARED[name])
+    assert edges, name
+    camel = wire.snake_to_camel(name)
+    for value, accepted in edges:
+        spec = {"database": {"secretName": "db"}, "queues": [{"name": "q", camel: value}]}
+        if accepted:
+            assert parse_settings(json.dumps({name: value}).encode()) == {name: value}
+            assert parse_spec("orders", "shop", spec).queues[0].settings == {name: value}
+            continue
+        with pytest.raises(ApiError) as refused:
+            parse_settings(json.dumps({name: value}).encode())
+        assert refused.value.field == name, (value, refused.value.message)
+        with pytest.raises(SpecError) as invalid:
+            parse_spec("orders", "shop", spec)
+        assert invalid.value.field == f"spec.queues[0].{camel}", (value, invalid.value)
+
+
+def test_the_send_keywords_are_the_message_fields() -> None:
+    """Every `send`/`enqueue` takes `target`, `body` and `**options: MessageOptions`."""
+    assert ("target", "body", *models.MessageOptions.__annotations__) == (
+        wire.MessageIn.__struct_fields__
+    )
+    hints = get_type_hints(models.MessageOptions)
+    assert set(hints) == set(wire.MessageIn.__struct_fields__) - {"target", "body"}
+
+
+def test_a_message_round_trips_between_client_and_server() -> None:
+    message = models.NewMessage("http://a.example/", {"n": 1}, priority=3, dedup_key="d")
+    decoded = msgspec.json.decode(msgspec.json.encode(message), type=wire.MessageIn)
+    assert (decoded.target, decoded.body, decoded.priority, decoded.dedup_key) == (
+        "http://a.example/",
+        {"n": 1},
+        3,
+        "d",
+    )
+    assert models.NewMessage("http://a.example/").to_json() == {"target": "http://a.example/"}
