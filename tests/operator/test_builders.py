@@ -51,7 +51,10 @@ def test_server_deployment() -> None:
     assert c["env"] == [
         {"name": "AP4K_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}},
         {"name": "AP4K_LOG_FORMAT", "value": "json"},
+        {"name": "AP4K_DRAIN_SECONDS", "value": "30"},
     ]
+    # The drain fits the grace period with room to exit (issue 15: no SIGKILL mid-drain).
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
     assert c["ports"] == [{"name": "http", "containerPort": 7438, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -108,7 +111,10 @@ def test_carrier_deployment() -> None:
     assert c["ports"][0]["containerPort"] == 7439
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "7439"
     # Carriers hold no database credentials.
-    assert c["env"] == [{"name": "AP4K_LOG_FORMAT", "value": "json"}]
+    assert c["env"] == [
+        {"name": "AP4K_LOG_FORMAT", "value": "json"}, {"name": "AP4K_DRAIN_SECONDS", "value": "30"},
+    ]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
 
 
 def test_scrape_annotations_and_pull_secrets_follow_the_operator_settings() -> None:

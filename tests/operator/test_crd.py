@@ -24,11 +24,15 @@ FULL = {
                                  "limits": {"memory": 268435456}}},
         "carriers": {
             "minReplicas": 0, "maxReplicas": 20, "concurrency": 16,
-            "targetBacklogPerReplica": 200, "scaleDownStabilizationSeconds": 120,
+            "targetDelaySeconds": 5, "initialRatePerCarrier": 150, "initialStartupSeconds": 20,
+            "scaleDownStabilizationSeconds": 120,
             "pollIntervalSeconds": 10,
             "metric": {"type": "Prometheus", "prometheus": {
                 "serverAddress": "http://prometheus.monitoring.svc:9090",
-                "query": 'sum(ap4k_queue_depth{queue="emails",state=~"available|running"})',
+                "query": 'sum(max by (queue) (ap4k_queue_depth{queue="emails",state="available"}))',
+                "arrivalRateQuery": 'sum(rate(ap4k_messages_enqueued_total{queue="emails"}[1m]))',
+                "completionRateQuery":
+                    'sum(rate(ap4k_deliveries_total{queue="emails",outcome="delivered"}[1m]))',
             }},
         },
         "queues": [
@@ -68,7 +72,7 @@ def test_crd_defaults_agree_with_the_parser(crd_schema: dict[str, Any]) -> None:
     # Every default the parser applies is one the API server applies too, and the same.
     assert set(defaulted) >= {"imagePullPolicy", "server", "carriers"}
     assert set(defaulted["carriers"]) >= {
-        "minReplicas", "maxReplicas", "concurrency", "targetBacklogPerReplica",
+        "minReplicas", "maxReplicas", "concurrency", "targetDelaySeconds", "initialStartupSeconds",
         "scaleDownStabilizationSeconds", "pollIntervalSeconds", "metric",
     }
     assert set(defaulted["server"]) >= {"replicas", "dispatchers"}
@@ -86,7 +90,10 @@ def test_a_full_example_is_valid_and_parses(crd_schema: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("path", "value"), [
     (("spec", "imagePullPolicy"), "Sometimes"),
     (("spec", "server", "replicas"), 0),
-    (("spec", "carriers", "targetBacklogPerReplica"), 0),
+    (("spec", "carriers", "targetDelaySeconds"), 0),
+    (("spec", "carriers", "initialRatePerCarrier"), 0),
+    (("spec", "carriers", "initialStartupSeconds"), -1),
+    (("spec", "carriers", "metric", "prometheus", "arrivalRateQuery"), ""),
     (("spec", "carriers", "pollIntervalSeconds"), 0),
     (("spec", "carriers", "metric", "type"), "Datadog"),
     (("spec", "carriers", "metric", "prometheus", "serverAddress"), "prometheus:9090"),

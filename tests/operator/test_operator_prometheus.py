@@ -1,6 +1,7 @@
 """`spec.carriers.metric: {type: Prometheus}` end to end: a real Prometheus (Debian's package)
-scrapes a real `ap4k serve`; the operator (against kmock) scales from an instant query, and
-keeps the carriers where they are when Prometheus goes away.
+scrapes two real `ap4k serve` replicas of one database; the README's queries count each
+message once across them; the operator (against kmock) scales from those queries, and keeps
+the carriers where they are when Prometheus goes away.
 """
 
 from __future__ import annotations
@@ -23,26 +24,42 @@ pytestmark = pytest.mark.skipif(not PROMETHEUS.exists(), reason="/usr/bin/promet
 
 NS = "queues"
 AQ, DEPLOYMENTS = "ap4k.dev/v1alpha1/asyncqueues", "apps/v1/deployments"
-QUERY = 'sum(ap4k_queue_depth{queue="jobs",state=~"available|running"})'
+# The README's queries. Every replica exports the whole database's depth (a gauge): take one
+# replica's value per queue. Each replica counts only what it enqueued or delivered (a
+# counter): sum them.
+QUERY = 'sum(max by (queue) (ap4k_queue_depth{queue="jobs",state="available"}))'
+ARRIVALS = 'sum(rate(ap4k_messages_enqueued_total{queue="jobs"}[10s]))'
+COMPLETIONS = 'sum(rate(ap4k_deliveries_total{queue="jobs",outcome="delivered"}[10s]))'
 
 
 @pytest.fixture
-async def server(database_url: str) -> AsyncIterator[ServerProcess]:
-    process = await ServerProcess(database_url, "--dispatchers", "0").start()
+async def servers(database_url: str) -> AsyncIterator[list[ServerProcess]]:
+    first = await ServerProcess(database_url, "--dispatchers", "0").start()
     try:
-        yield process
+        second = await ServerProcess(database_url, "--dispatchers", "0").start()
+        try:
+            yield [first, second]
+        finally:
+            second.kill()
     finally:
-        process.kill()
+        first.kill()
 
 
 @pytest.fixture
-async def prometheus(server: ServerProcess, tmp_path: Path) -> AsyncIterator[Any]:
+async def server(servers: list[ServerProcess]) -> ServerProcess:
+    return servers[0]
+
+
+@pytest.fixture
+async def prometheus(servers: list[ServerProcess], tmp_path: Path) -> AsyncIterator[Any]:
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: ap4k\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+        "    static_configs: [{targets: ["
+        + ", ".join(f"'127.0.0.1:{server.port}'" for server in servers)
+        + "]}]\n"
     )
     log = (tmp_path / "prometheus.log").open("wb")
     process = subprocess.Popen(  # noqa: ASYNC220  (returns at once)
@@ -77,15 +94,25 @@ def condition(obj: Any, kind: str) -> dict[str, Any]:
     raise KeyError(kind)
 
 
+async def instant(url: str, query: str) -> float | None:
+    """The value of a one-sample instant query (None: empty)."""
+    async with aiohttp.ClientSession() as http, http.get(
+        f"{url}/api/v1/query", params={"query": query}
+    ) as resp:
+        result = (await resp.json())["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
 async def test_prometheus_query_drives_scaling_and_its_failure_freezes_it(
-    cluster: Any, run_operator: Any, server: ServerProcess, prometheus: Any
+    cluster: Any, run_operator: Any, servers: list[ServerProcess], prometheus: Any
 ) -> None:
+    server = servers[0]
     process, prometheus_url = prometheus
     settings = config.OperatorConfig(
         kubernetes_url=cluster.url, server_url_template=server.url, metrics_port=0,
         http_timeout_seconds=2.0, scanning=False,
     )
-    api = Api(server.url)
+    api, other = Api(server.url), Api(servers[1].url)
     body = {
         "apiVersion": "ap4k.dev/v1alpha1", "kind": "AsyncQueue",
         "metadata": {"name": "orders", "namespace": NS, "uid": "uid-p", "generation": 1,
@@ -94,10 +121,12 @@ async def test_prometheus_query_drives_scaling_and_its_failure_freezes_it(
             "database": {"secretName": "orders-db"},
             "queues": [{"name": "jobs", "paused": True}],
             "carriers": {
-                "minReplicas": 0, "maxReplicas": 5, "targetBacklogPerReplica": 10,
+                "minReplicas": 0, "maxReplicas": 5, "initialRatePerCarrier": 10,
+                "initialStartupSeconds": 1,
                 "scaleDownStabilizationSeconds": 2, "pollIntervalSeconds": 1,
                 "metric": {"type": "Prometheus", "prometheus": {
-                    "serverAddress": prometheus_url, "query": QUERY}},
+                    "serverAddress": prometheus_url, "query": QUERY,
+                    "arrivalRateQuery": ARRIVALS, "completionRateQuery": COMPLETIONS}},
             },
         },
     }
@@ -116,12 +145,27 @@ async def test_prometheus_query_drives_scaling_and_its_failure_freezes_it(
                 lambda: condition(aq(), "QueuesConfigured")["status"] == "True",
                 what="the queue configured (paused)",
             )
+            # 15 messages through one replica, 10 through the other.
             sent = await api.send_batch(
-                "jobs", [{"target": "http://127.0.0.1:9/x"} for _ in range(25)]
+                "jobs", [{"target": "http://127.0.0.1:9/x"} for _ in range(15)]
+            )
+            sent += await other.send_batch(
+                "jobs", [{"target": "http://127.0.0.1:9/x"} for _ in range(10)]
             )
             # The server's gauges refresh every few seconds, Prometheus scrapes every second.
-            await cluster.eventually(lambda: carriers() == 3, timeout=40,
-                                     what="3 carriers from the Prometheus query")
+            # Each message counts once: 25, though both replicas export a depth of 25.
+            naive = 'sum(ap4k_queue_depth{queue="jobs",state="available"})'
+            await cluster.eventually(
+                lambda: _equals(instant(prometheus_url, naive), 50.0), timeout=40,
+                interval=0.5, what="both replicas' depth scraped (summed: twice the backlog)",
+            )
+            assert await instant(prometheus_url, QUERY) == 25.0
+            enqueued = 'sum(ap4k_messages_enqueued_total{queue="jobs"})'
+            assert await instant(prometheus_url, enqueued) == 25.0  # each replica its own
+            # The query is a backlog the queue's own settings do not cap (`jobs` is paused:
+            # the query decides what counts).
+            await cluster.eventually(lambda: carriers() >= 1, timeout=40,
+                                     what="carriers from the Prometheus query")
             await cluster.eventually(
                 lambda: condition(aq(), "MetricsAvailable")["reason"] == "PrometheusQuery",
                 what="MetricsAvailable=True/PrometheusQuery",
@@ -141,9 +185,15 @@ async def test_prometheus_query_drives_scaling_and_its_failure_freezes_it(
             metrics = condition(aq(), "MetricsAvailable")
             assert metrics["reason"] == "MetricsUnavailable"
             assert "carriers stay where they are" in metrics["message"]
+            held = carriers()
             await asyncio.sleep(4)  # two stabilization windows, four polls
-            assert carriers() == 3
+            assert carriers() == held
             # The queue itself still serves: Ready does not depend on the metric.
             assert condition(aq(), "Ready")["status"] == "True"
     finally:
         await api.close()
+        await other.close()
+
+
+async def _equals(value: Any, expected: float) -> bool:
+    return bool(await value == expected)

@@ -10,7 +10,7 @@ from ap4k.operator.conditions import (
     set_condition,
     summarize,
 )
-from ap4k.operator.queue_server import backlog_of, settings_match
+from ap4k.operator.queue_server import settings_match
 
 
 def test_transition_time_moves_only_with_the_status() -> None:
@@ -73,17 +73,6 @@ def test_drift_patch_restores_labels_owners_and_spec() -> None:
         "metadata": {"labels": {"a": "b"}, "ownerReferences": [{"uid": "u"}]},
         "spec": {"ports": []},
     }
-
-
-def test_backlog_is_available_plus_running_of_the_declared_queues() -> None:
-    queues = [
-        {"name": "a", "depth": {"available": 5, "running": 2, "scheduled": 100, "retryable": 9},
-         "oldest_available_age_seconds": 3.5},
-        {"name": "b", "depth": {"available": 1, "running": 0}, "oldest_available_age_seconds": 9},
-    ]
-    assert backlog_of(queues, ["a"]) == (7, 3.5)
-    assert backlog_of(queues, []) == (8, 9.0)  # none declared: all queues
-    assert backlog_of(queues, ["missing"]) == (0, None)
 
 
 def test_settings_match_compares_only_the_declared_values() -> None:

@@ -361,3 +361,29 @@ async def test_unspecified_address_reaches_this_host_only_when_explicitly_allowe
         sent = await api.send("local", {"target": url})
         await api.wait_state(sent["id"], "completed")
         assert target.delivered_ids() == {sent["id"]: 1}
+
+
+async def test_throughput_counts_deliveries_per_queue_over_a_window(api: Api) -> None:
+    async with sink() as target:
+        await api.send_batch("counted", [{"target": target.url}] * 7)
+        await api.send_batch("other", [{"target": target.url}] * 2)
+        await target.wait_for(lambda: len(target.received) == 9, timeout=10)
+
+        async def completed() -> dict[str, int]:
+            answer = await api.ok("GET", "/v1/throughput?seconds=60")
+            assert answer["seconds"] == 60
+            return {q["name"]: q["completed"] for q in answer["queues"]}
+
+        # The 2xx reaches the target before the outcome is recorded: wait for the counts.
+        for _ in range(100):
+            if await completed() == {"counted": 7, "other": 2}:
+                break
+            await asyncio.sleep(0.05)
+        assert await completed() == {"counted": 7, "other": 2}
+        await asyncio.sleep(0.3)
+        recent = await api.ok("GET", "/v1/throughput?seconds=0.2")
+        assert recent["queues"] == []  # all of them finished earlier than that
+    for bad in ("0", "-1", "3601", "nan", "inf", "soon"):
+        status, body = await api.call("GET", f"/v1/throughput?seconds={bad}")
+        assert status == 400, (bad, body)
+        assert body["error"]["field"] == "seconds"

@@ -6,7 +6,18 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = subparsers.add_parser("bench", help="run the end-to-end benchmark on 127.0.0.1")
+    bench = subparsers.add_parser(
+        "bench",
+        help="run the end-to-end benchmark on 127.0.0.1",
+        description="`ap4k bench`: the end-to-end benchmark on 127.0.0.1. "
+        "`ap4k bench autoscale`: carrier scaling (ap4k's policy beside KEDA + HPA) replayed on "
+        "load traces in simulated time (no server needed; deterministic for a seed).",
+    )
+    bench.add_argument("what", nargs="?", choices=["autoscale"], help="autoscale: see above")
+    bench.add_argument("--seed", type=int, default=1, help="autoscale: the traces' random seed")
+    bench.add_argument(
+        "--hours", type=float, default=2.0, help="autoscale: simulated hours per trace"
+    )
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     bench.add_argument("--dispatchers", type=int, default=32)
@@ -25,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.what == "autoscale":
+        from ap4k.bench import autoscale
+
+        print(autoscale.main(seed=args.seed, hours=args.hours))
+        return 0
     import json
     from dataclasses import asdict
 

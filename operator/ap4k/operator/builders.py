@@ -20,6 +20,12 @@ OWNER_LABEL = "ap4k.dev/asyncqueue"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 # Non-root like the image's USER (a numeric id, so that runAsNonRoot can verify it).
 RUN_AS_USER = 10001
+# A stopping server or carrier finishes (or hands back) what it holds within DRAIN_SECONDS
+# (passed as AP4K_DRAIN_SECONDS); Kubernetes waits TERMINATION_GRACE_SECONDS before SIGKILL.
+# The difference is room for the process to exit after its drain, and for the endpoints to
+# forget a server pod before it stops answering.
+DRAIN_SECONDS = 30
+TERMINATION_GRACE_SECONDS = 45
 
 Body = dict[str, Any]
 
@@ -97,6 +103,7 @@ def _pod_spec(spec: AsyncQueueSpec, config: OperatorConfig, container: Body) -> 
         # `ap4k`, and ap4k reads its settings from AP4K_* variables.
         "enableServiceLinks": False,
         "securityContext": _pod_security_context(),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [
             {
                 "image": spec.image or config.image,
@@ -155,6 +162,7 @@ def build_server_deployment(spec: AsyncQueueSpec, config: OperatorConfig) -> Bod
                 },
             },
             {"name": "AP4K_LOG_FORMAT", "value": config.pod_log_format},
+            {"name": "AP4K_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
         ],
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "livenessProbe": _http_probe("/healthz", "http", period=10, failures=3),
@@ -202,10 +210,14 @@ def build_carrier_deployment(spec: AsyncQueueSpec, config: OperatorConfig, repli
             "--concurrency", str(spec.carriers.concurrency),
             "--metrics-port", str(CARRIER_METRICS_PORT),
         ],
-        "env": [{"name": "AP4K_LOG_FORMAT", "value": config.pod_log_format}],
+        "env": [
+            {"name": "AP4K_LOG_FORMAT", "value": config.pod_log_format},
+            {"name": "AP4K_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
+        ],
         "ports": [{"name": "metrics", "containerPort": CARRIER_METRICS_PORT, "protocol": "TCP"}],
         "livenessProbe": _http_probe("/healthz", "metrics", period=10, failures=3),
-        "readinessProbe": _http_probe("/healthz", "metrics", period=10, failures=2),
+        # Often: the autoscaler learns the carriers' start-up time from their readiness.
+        "readinessProbe": _http_probe("/healthz", "metrics", period=2, failures=2),
         "resources": dict(spec.carriers.resources),
     }
     return _deployment(

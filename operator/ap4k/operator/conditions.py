@@ -71,6 +71,74 @@ class Condition:
         )
 
 
+# --- every condition the operator sets, with its text (one home for each) -----------------
+
+
+def invalid_spec(error: str) -> Condition:
+    return Condition(RECONCILED, "False", "InvalidSpec", error)
+
+
+def apply_failed(error: str) -> Condition:
+    return Condition(RECONCILED, "False", "ApplyFailed", error)
+
+
+CHILDREN_APPLIED = Condition(
+    RECONCILED, "True", "Applied",
+    "the server and carrier Deployments and the Service match the spec",
+)
+
+
+def server_answering(endpoint: str) -> Condition:
+    return Condition(SERVER_REACHABLE, "True", "Answering", f"{endpoint} answers")
+
+
+def server_unreachable(error: str) -> Condition:
+    return Condition(SERVER_REACHABLE, "False", "Unreachable", error)
+
+
+SERVER_PENDING = Condition(
+    SERVER_REACHABLE, "Unknown", "Pending", "the server has not been contacted yet"
+)
+NO_QUEUES_DECLARED = Condition(
+    QUEUES_CONFIGURED, "True", "NoQueuesDeclared", "the resource declares no queue settings"
+)
+QUEUES_PENDING = Condition(
+    QUEUES_CONFIGURED, "False", "Pending", "waiting for the server to answer"
+)
+
+
+def queues_rejected(refusals: Sequence[str]) -> Condition:
+    return Condition(
+        QUEUES_CONFIGURED, "False", "Rejected", "the server refused: " + "; ".join(refusals)
+    )
+
+
+def queues_applied(count: int) -> Condition:
+    return Condition(
+        QUEUES_CONFIGURED, "True", "Applied", f"{count} queue(s) configured on the server"
+    )
+
+
+def metrics_unavailable(error: str) -> Condition:
+    return Condition(METRICS_AVAILABLE, "False", "MetricsUnavailable",
+                     f"{error}; carriers stay where they are")
+
+
+def metrics_available(prometheus: bool, backlog: float) -> Condition:
+    if prometheus:
+        return Condition(METRICS_AVAILABLE, "True", "PrometheusQuery",
+                         f"backlog {backlog:g} from the Prometheus query")
+    return Condition(METRICS_AVAILABLE, "True", "ServerStats",
+                     f"backlog {backlog:g} from the server's queue stats")
+
+
+def not_known_yet(kind: str) -> Condition:
+    return Condition(READY, "False", "Reconciling", f"{kind} is not known yet")
+
+
+READY_TRUE = Condition(READY, "True", "Ready", "the server answers and the queues are configured")
+
+
 def set_condition(
     conditions: Mapping[str, Condition], new: Condition, now: str | None = None
 ) -> dict[str, Condition]:
@@ -90,15 +158,13 @@ def summarize(
     for kind in READY_REQUIRES:
         condition = conditions.get(kind)
         if condition is None:
-            ready = Condition(READY, "False", "Reconciling", f"{kind} is not known yet")
+            ready = not_known_yet(kind)
             break
         if condition.status != "True":
             ready = Condition(READY, "False", condition.reason, condition.message)
             break
     else:
-        ready = Condition(
-            READY, "True", "Ready", "the server answers and the queues are configured"
-        )
+        ready = READY_TRUE
     return set_condition(
         conditions, dataclasses.replace(ready, observed_generation=generation), now
     )

@@ -89,7 +89,9 @@ async def forget_asyncqueue(name: str, namespace: str | None, **_: Any) -> None:
     runtime.registry.forget(namespace or "", name)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+# The daemon sleeps in slices of ZERO_CHECK_SECONDS (see autoscale._sleep): give it longer
+# than one to notice the stop flag before kopf cancels it.
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=10)
 async def autoscale_carriers(
     name: str, namespace: str | None, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:

@@ -1,6 +1,7 @@
 """The operator's side of the ap4k server's HTTP API and of Prometheus' query API.
 
 - `GET /v1/queues` for the queues' depth and settings,
+- `GET /v1/throughput` for the deliveries over the last poll interval,
 - `PUT /v1/queues/{name}` for the declared settings (snake_case),
 - `GET /api/v1/query` on Prometheus for a custom backlog metric.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -91,6 +92,23 @@ async def list_queues(
     return [queue for queue in queues if isinstance(queue, dict)]
 
 
+async def completed_within(
+    http: HttpClient, base_url: str, seconds: float, *, timeout: float, token: str | None
+) -> dict[str, int]:
+    """`GET /v1/throughput`: messages delivered per queue over the last `seconds`."""
+    url = f"{base_url}/v1/throughput"
+    answer = await http.call(
+        "GET", url, params={"seconds": f"{seconds:.3f}"}, timeout=timeout, token=token
+    )
+    queues = answer.get("queues") if isinstance(answer, dict) else None
+    if not isinstance(queues, list):
+        raise Unreachable(f"GET {url}: no queue list in the answer")
+    return {
+        str(q["name"]): int(q["completed"]) for q in queues
+        if isinstance(q, dict) and isinstance(q.get("completed"), int)
+    }
+
+
 async def put_queue(
     http: HttpClient, base_url: str, name: str, settings: Mapping[str, Any], *,
     timeout: float, token: str | None,
@@ -110,25 +128,6 @@ def settings_match(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bo
         elif have != value:
             return False
     return True
-
-
-def backlog_of(
-    queues: Sequence[Mapping[str, Any]], declared: Sequence[str]
-) -> tuple[int, float | None]:
-    """(available + running, oldest available age) over the declared queues, or all queues.
-
-    A declared queue the server does not list yet has no messages.
-    """
-    chosen = [q for q in queues if not declared or q.get("name") in declared]
-    backlog = 0
-    oldest: float | None = None
-    for queue in chosen:
-        depth = queue.get("depth") or {}
-        backlog += int(depth.get("available", 0) or 0) + int(depth.get("running", 0) or 0)
-        age = queue.get("oldest_available_age_seconds")
-        if isinstance(age, int | float) and not isinstance(age, bool):
-            oldest = float(age) if oldest is None else max(oldest, float(age))
-    return backlog, oldest
 
 
 # --- Prometheus -----------------------------------------------------------------------------

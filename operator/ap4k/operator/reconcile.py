@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,7 +59,7 @@ async def reconcile(
         except SpecError as exc:
             # Nothing to retry until the spec changes: record it, tell the user, stop here.
             state.spec = None
-            set_condition(state, conditions.RECONCILED, "False", "InvalidSpec", str(exc))
+            set_condition(state, conditions.invalid_spec(str(exc)))
             await write_status(rt.kube, state)
             kopf.event(as_body(body), type="Warning", reason="InvalidSpec", message=str(exc))
             metrics.RECONCILIATIONS.labels("invalid").inc()
@@ -84,22 +85,18 @@ async def reconcile(
                 )
             ]
         except KubeError as exc:
-            set_condition(state, conditions.RECONCILED, "False", "ApplyFailed", str(exc))
+            set_condition(state, conditions.apply_failed(str(exc)))
             await write_status(rt.kube, state)
             metrics.RECONCILIATIONS.labels("error").inc()
             raise kopf.TemporaryError(f"applying the children failed: {exc}", delay=10) from exc
 
-        set_condition(state, conditions.RECONCILED, "True", "Applied",
-                      "the server and carrier Deployments and the Service match the spec")
+        set_condition(state, conditions.CHILDREN_APPLIED)
         if not spec.queues:
-            set_condition(state, conditions.QUEUES_CONFIGURED, "True", "NoQueuesDeclared",
-                          "the resource declares no queue settings")
+            set_condition(state, conditions.NO_QUEUES_DECLARED)
         elif state.conditions.get(conditions.QUEUES_CONFIGURED, None) is None:
-            set_condition(state, conditions.QUEUES_CONFIGURED, "False", "Pending",
-                          "waiting for the server to answer")
+            set_condition(state, conditions.QUEUES_PENDING)
         if conditions.SERVER_REACHABLE not in state.conditions:
-            set_condition(state, conditions.SERVER_REACHABLE, "Unknown", "Pending",
-                          "the server has not been contacted yet")
+            set_condition(state, conditions.SERVER_PENDING)
         await write_status(rt.kube, state)
         changed = [outcome for outcome in outcomes if outcome != "unchanged"]
         metrics.RECONCILIATIONS.labels("applied" if changed else "unchanged").inc()
@@ -132,6 +129,11 @@ async def correct_drift(
     state = rt.registry.get(namespace, owner_name)
     if state is None:
         return  # not reconciled yet: the resume handler will
+    if kind == "Deployment" and state.spec is not None and (
+        name == builders.carrier_deployment_name(state.spec.name)
+    ):
+        ready = (child.get("status") or {}).get("readyReplicas") or 0
+        state.carriers.observed(0 if event_type == "DELETED" else int(ready), time.monotonic())
     config = current()
     # Most events are the operator's own writes: filter them out without taking the lock.
     desired = _desired_child(state, kind, name, config)

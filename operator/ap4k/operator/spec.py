@@ -11,6 +11,7 @@ the CRD are compared by tests/operator/test_crd.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -63,7 +64,9 @@ class ServerSpec:
 @dataclasses.dataclass(frozen=True)
 class PrometheusMetric:
     server_address: str
-    query: str
+    query: str  # the backlog
+    arrival_rate_query: str | None = None  # msg/s enqueued; None: from the server's counts
+    completion_rate_query: str | None = None  # msg/s delivered; None: from the server's counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,9 @@ class CarrierSpec:
     min_replicas: int = 0
     max_replicas: int = 10
     concurrency: int = 10
-    target_backlog_per_replica: int = 100
+    target_delay_seconds: float = 2.0
+    initial_rate_per_carrier: float | None = None
+    initial_startup_seconds: float = 10.0
     scale_down_stabilization_seconds: int = 300
     poll_interval_seconds: int = 15
     resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -131,6 +136,30 @@ def _int(raw: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi:
     return value
 
 
+def _number(raw: Mapping[str, Any], key: str, path: str, lo: float, hi: float) -> float | int:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SpecError(f"{path}.{key}", f"must be a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise SpecError(f"{path}.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+    return value
+
+
+def _optional_number(
+    raw: Mapping[str, Any], key: str, path: str, lo: float, hi: float
+) -> float | None:
+    if raw.get(key) is None:
+        return None
+    return float(_number(raw, key, path, lo, hi))
+
+
+def _number_or(
+    raw: Mapping[str, Any], key: str, path: str, default: float, lo: float, hi: float
+) -> float:
+    value = _optional_number(raw, key, path, lo, hi)
+    return default if value is None else value
+
+
 def _str(raw: Mapping[str, Any], key: str, path: str, default: str | None = None) -> str:
     value = raw.get(key, default)
     if value is None:
@@ -138,6 +167,10 @@ def _str(raw: Mapping[str, Any], key: str, path: str, default: str | None = None
     if not isinstance(value, str) or not value:
         raise SpecError(f"{path}.{key}", f"must be a non-empty string, got {value!r}")
     return value
+
+
+def _optional_str(raw: Mapping[str, Any], key: str, path: str) -> str | None:
+    return None if raw.get(key) is None else _str(raw, key, path)
 
 
 def _url(raw: Mapping[str, Any], key: str, path: str) -> str:
@@ -195,6 +228,10 @@ def _parse_metric(carriers: Mapping[str, Any]) -> MetricSpec:
             prometheus=PrometheusMetric(
                 server_address=_url(prom, "serverAddress", f"{path}.prometheus").rstrip("/"),
                 query=_str(prom, "query", f"{path}.prometheus"),
+                arrival_rate_query=_optional_str(prom, "arrivalRateQuery", f"{path}.prometheus"),
+                completion_rate_query=_optional_str(
+                    prom, "completionRateQuery", f"{path}.prometheus"
+                ),
             ),
         )
     raise SpecError(f"{path}.type", f"must be Server or Prometheus, got {kind!r}")
@@ -207,7 +244,11 @@ def _parse_carriers(spec: Mapping[str, Any]) -> CarrierSpec:
         min_replicas=_int(raw, "minReplicas", path, 0, 0, 1000),
         max_replicas=_int(raw, "maxReplicas", path, 10, 1, 1000),
         concurrency=_int(raw, "concurrency", path, 10, 1, 10000),
-        target_backlog_per_replica=_int(raw, "targetBacklogPerReplica", path, 100, 1, 1_000_000),
+        target_delay_seconds=_number_or(raw, "targetDelaySeconds", path, 2.0, 0.1, 86_400),
+        initial_rate_per_carrier=_optional_number(
+            raw, "initialRatePerCarrier", path, 0.001, 1_000_000
+        ),
+        initial_startup_seconds=_number_or(raw, "initialStartupSeconds", path, 10.0, 0, 3600),
         scale_down_stabilization_seconds=_int(
             raw, "scaleDownStabilizationSeconds", path, 300, 0, 86400
         ),

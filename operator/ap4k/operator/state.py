@@ -18,13 +18,53 @@ from ap4k.operator import conditions, metrics, queue_server
 from ap4k.operator.conditions import Condition
 from ap4k.operator.config import endpoint
 from ap4k.operator.kube import KubeClient, object_path
-from ap4k.operator.scaling import ScalerState, ScalingPolicy
+from ap4k.operator.scaling import Decision, ScalerState, ScalingPolicy
 from ap4k.operator.spec import AsyncQueueSpec
 
 API_VERSION = "ap4k.dev/v1alpha1"
 KIND = "AsyncQueue"
 
 Body = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """The unfinished messages per queue at one poll: the next poll's arrivals follow."""
+
+    at: float  # monotonic seconds
+    active: Mapping[str, int]
+
+
+@dataclasses.dataclass
+class CarrierPods:
+    """The carrier Deployment's readiness, from its watch events (no polling, no pod access).
+
+    A scale-up's start-up time is how long the ready count took to reach what was asked for.
+    """
+
+    ready: int = 0
+    # (when, how many) of the last scale-up whose carriers are not all ready yet.
+    waiting_for: tuple[float, int] | None = None
+    startup_sample: float | None = None
+
+    def requested(self, replicas: int, now: float) -> None:
+        if replicas > self.ready:
+            if self.waiting_for is None or replicas > self.waiting_for[1]:
+                # Timed from the first scale-up still starting: that is how long users wait.
+                at = self.waiting_for[0] if self.waiting_for else now
+                self.waiting_for = (at, replicas)
+        else:
+            self.waiting_for = None
+
+    def observed(self, ready: int, now: float) -> None:
+        self.ready = ready
+        if self.waiting_for is not None and ready >= self.waiting_for[1]:
+            self.startup_sample = now - self.waiting_for[0]
+            self.waiting_for = None
+
+    def take_startup_sample(self) -> float | None:
+        sample, self.startup_sample = self.startup_sample, None
+        return sample
 
 
 @dataclasses.dataclass
@@ -37,9 +77,11 @@ class QueueState:
     generation: int | None = None
     conditions: dict[str, Condition] = dataclasses.field(default_factory=dict)
     scaler: ScalerState | None = None
+    decision: Decision | None = None  # the last scaling decision
+    counts: Counts | None = None
+    carriers: CarrierPods = dataclasses.field(default_factory=CarrierPods)
     backlog: int | None = None
     oldest_available_age_seconds: float | None = None
-    recommended: int | None = None
     last_scale_time: str | None = None
     written: Body | None = None  # the status last written (no patch when nothing changed)
 
@@ -107,17 +149,18 @@ def policy_of(spec: AsyncQueueSpec) -> ScalingPolicy:
     return ScalingPolicy(
         min_replicas=carriers.min_replicas,
         max_replicas=carriers.max_replicas,
-        target_backlog_per_replica=carriers.target_backlog_per_replica,
+        concurrency=carriers.concurrency,
+        target_delay_seconds=carriers.target_delay_seconds,
         scale_down_stabilization_seconds=carriers.scale_down_stabilization_seconds,
+        initial_rate_per_carrier=carriers.initial_rate_per_carrier,
+        initial_startup_seconds=carriers.initial_startup_seconds,
     )
 
 
-def set_condition(
-    state: QueueState, kind: str, status: conditions.Status, reason: str, msg: str
-) -> None:
+def set_condition(state: QueueState, condition: Condition) -> None:
     """Record a condition of `state`, stamped with the generation being handled."""
-    condition = Condition(kind, status, reason, msg, observed_generation=state.generation)
-    state.conditions = conditions.set_condition(state.conditions, condition)
+    stamped = dataclasses.replace(condition, observed_generation=state.generation)
+    state.conditions = conditions.set_condition(state.conditions, stamped)
 
 
 def render_status(state: QueueState) -> Body:
@@ -133,14 +176,39 @@ def render_status(state: QueueState) -> Body:
     if state.oldest_available_age_seconds is not None:
         status["oldestAvailableAgeSeconds"] = round(state.oldest_available_age_seconds, 3)
     if state.scaler is not None:
-        carriers: Body = {"replicas": state.scaler.replicas}
-        carriers["desiredReplicas"] = (
-            state.recommended if state.recommended is not None else state.scaler.replicas
-        )
-        if state.last_scale_time is not None:
-            carriers["lastScaleTime"] = state.last_scale_time
-        status["carriers"] = carriers
+        status["carriers"] = _carriers_status(state, state.scaler)
     return status
+
+
+def _carriers_status(state: QueueState, scaler: ScalerState) -> Body:
+    decision = state.decision
+    recommended = decision.recommended if decision is not None else None
+    carriers: Body = {
+        "replicas": scaler.replicas,
+        "desiredReplicas": recommended if recommended is not None else scaler.replicas,
+        "readyReplicas": state.carriers.ready,
+    }
+    if state.last_scale_time is not None:
+        carriers["lastScaleTime"] = state.last_scale_time
+    if state.spec is not None:
+        carriers["targetDelaySeconds"] = state.spec.carriers.target_delay_seconds
+    demand = decision.demand if decision is not None else None
+    if demand is not None:
+        # Rounded: a status patch per poll for the last digit of a rate is noise.
+        carriers["demand"] = {
+            "carriers": round(demand.carriers, 2),
+            "arrivalRatePerSecond": round(demand.arrival_rate, 1),
+            "ratePerCarrier": round(demand.rate_per_carrier, 1),
+            "startupSeconds": round(demand.startup_seconds, 1),
+            "forArrivals": round(demand.steady, 2),
+            "forBacklog": round(demand.backlog, 2),
+            "waiting": demand.waiting,
+            "inFlight": demand.in_flight,
+            "cappedQueues": list(demand.capped),
+        }
+    if decision is not None:
+        carriers["reason"] = decision.reason
+    return carriers
 
 
 async def write_status(kube: KubeClient, state: QueueState) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -317,6 +318,25 @@ async def list_queues(request: web.Request) -> web.Response:
     return json_response(wire.QueueList([queue_view(q, depths.get(q.name)) for q in queues]))
 
 
+MAX_THROUGHPUT_WINDOW = 3600.0
+
+
+async def throughput(request: web.Request) -> web.Response:
+    """Messages delivered per queue over the last `seconds` (default 60): for autoscaling."""
+    raw = request.query.get("seconds", "60")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_THROUGHPUT_WINDOW:  # also refuses nan and inf
+        raise invalid("seconds", f"seconds must be a number in (0, {MAX_THROUGHPUT_WINDOW:g}]")
+    completed = await _services(request).store.completed_within(seconds)
+    return json_response({
+        "seconds": seconds,
+        "queues": [{"name": name, "completed": n} for name, n in sorted(completed.items())],
+    })
+
+
 async def get_queue(request: web.Request) -> web.Response:
     services = _services(request)
     name = check_queue_name(request.match_info["queue"])
@@ -543,6 +563,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/messages/{id}", get_message)
     app.router.add_delete("/v1/messages/{id}", cancel_message)
     app.router.add_get("/v1/queues", list_queues)
+    app.router.add_get("/v1/throughput", throughput)
     app.router.add_get("/v1/queues/{queue}", get_queue)
     app.router.add_put("/v1/queues/{queue}", put_queue)
     app.router.add_get("/v1/queues/{queue}/dead", list_dead)

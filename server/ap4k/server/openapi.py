@@ -174,6 +174,40 @@ def openapi_document() -> dict[str, Any]:
                 ),
             }
         },
+        "/v1/throughput": {
+            "get": {
+                "operationId": "getThroughput",
+                "parameters": [{
+                    "name": "seconds", "in": "query", "required": False,
+                    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+                               "default": 60},
+                }],
+                "responses": _responses(
+                    (
+                        "200",
+                        {
+                            "type": "object",
+                            "required": ["seconds", "queues"],
+                            "properties": {
+                                "seconds": {"type": "number"},
+                                "queues": {"type": "array", "items": {
+                                    "type": "object",
+                                    "required": ["name", "completed"],
+                                    "properties": {
+                                        "name": {"type": "string"},
+                                        "completed": {"type": "integer", "minimum": 0},
+                                    },
+                                }},
+                            },
+                        },
+                        "Messages delivered per queue over the last `seconds`, counted in "
+                        "PostgreSQL (once across server replicas); queues with none are left "
+                        "out",
+                    ),
+                    "400",
+                ),
+            }
+        },
         "/v1/queues/{queue}": {
             "get": {
                 "operationId": "getQueue",

@@ -209,6 +209,17 @@ SELECT queue, state::text AS state, count(*) AS n,
  GROUP BY queue, state
 """
 
+# Deliveries finished per queue over the last $1 seconds: the drain rate the operator scales
+# carriers on, counted once whatever the number of server replicas. The finished rows' index
+# (ap4k_messages_finished) bounds the scan to the window; rows pruned by retention are gone,
+# so the window must stay below --retention-seconds.
+COMPLETED_WITHIN = """
+SELECT queue, count(*) AS n
+  FROM ap4k_messages
+ WHERE state = 'completed' AND finalized_at > now() - make_interval(secs => $1)
+ GROUP BY queue
+"""
+
 QUEUE_DEPTHS_OF_ONE = """
 SELECT queue, state::text AS state, count(*) AS n,
        extract(epoch FROM now() - min(scheduled_at))::float8 AS oldest

@@ -274,6 +274,12 @@ class Store:
                 depth.oldest_available_age_seconds = max(r["oldest"] or 0.0, 0.0)
         return out
 
+    async def completed_within(self, seconds: float) -> dict[str, int]:
+        """Messages delivered per queue over the last `seconds`."""
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch(queries.COMPLETED_WITHIN, seconds)
+        return {r["queue"]: r["n"] for r in records}
+
     async def notify(self, channel: str, payload: str) -> None:
         async with self.dispatch_pool.acquire() as conn:
             await conn.execute(queries.NOTIFY, channel, payload)
