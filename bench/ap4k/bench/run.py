@@ -1,15 +1,22 @@
 """`ap4k bench`: the end-to-end benchmark, everything on 127.0.0.1.
 
-It starts its own PostgreSQL (durable defaults: fsync on), one `ap4k serve` process, a sink
-process that answers 200 at once, and drives load from this process. Figures:
+It starts its own PostgreSQL (durable defaults: fsync on), one `ap4k serve`, a sink process that
+answers 200 at once, and drives load from this process. Every ap4k figure stands beside the
+bound it is read against, measured in the same run (the machine's speed moves 2-4x with other
+load, so only such ratios mean anything), with the issue's target and a met/missed mark:
 
-- the raw PostgreSQL bound on the same database: bare INSERTs, bare lease-and-complete;
-- enqueue rate: single-message POSTs at concurrency 64, and batches of 100;
-- delivery rate to the sink from an empty start (messages enqueued to a paused queue,
-  then released at once);
+- bounds: bare one-row INSERT commits, bare 100-row INSERTs, bare lease + complete, and one
+  process of bare aiohttp POSTs to the sink;
+- enqueue: single-message POSTs at concurrency 64, and batches of 100;
+- delivery to the sink from an empty start (messages enqueued to a paused queue, then released
+  at once), with the CPU-seconds the server spent per 1,000 messages;
 - end-to-end latency p50/p99 at a fixed offered load of 1,000 msg/s (open loop);
-- delivery rate again with a 1,000,000-message backlog;
-- optionally: carriers (--carriers) and the outbox forwarder (--outbox).
+- delivery again with a 1,000,000-message backlog;
+- carriers: the server without dispatchers and N carriers (rate and CPU per 1,000 messages);
+- optionally the outbox forwarder.
+
+Each stage reports how long it took, the peak RSS of the server and of each carrier, and the
+load average is recorded at the start and the end.
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ import asyncio
 import contextlib
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +39,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+import psutil
 
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
+
+# The stages in the order they run; `--only` takes names from this list.
+STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers", "outbox")
+DEFAULT_STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers")
+PROGRESS_SECONDS = 3.0
 
 
 @dataclass
@@ -40,14 +54,16 @@ class BenchOptions:
     quick: bool = False
     dispatchers: int = 32
     backlog: int = 1_000_000
-    carriers: list[int] = field(default_factory=list)
-    outbox: bool = False
+    carriers: list[int] = field(default_factory=lambda: [1])
+    workers: int = 1
+    carrier_workers: int = 1
     seconds: float = 5.0
     latency_rate: int = 1000
     latency_seconds: float = 10.0
     delivery_messages: int = 50_000
     backlog_measured: int = 100_000
     keep: bool = False
+    profile: bool = False
 
     def scaled(self) -> BenchOptions:
         if not self.quick:
@@ -63,26 +79,117 @@ class BenchOptions:
 
 @dataclass
 class Figure:
+    """One measured figure, beside the bound it is read against and the issue's target."""
+
     name: str
     value: float
     unit: str
+    stage: str
+    bound: str = ""  # the bound's figure name
+    bound_value: float | None = None
+    ratio: float | None = None  # value / bound_value
     target: str = ""
+    met: bool | None = None  # None: no target
     note: str = ""
+    short: str = ""  # how a figure read against this one names it
+
+    def __post_init__(self) -> None:
+        self.short = self.short or self.name
+
+
+@dataclass
+class StageReport:
+    name: str
+    seconds: float = 0.0
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class Report:
+    machine: str
+    options: dict[str, Any]
+    load_average_start: tuple[float, float, float]
+    load_average_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    figures: list[Figure] = field(default_factory=list)
+    stages: list[StageReport] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def versus(figure: Figure, bound: Figure | None, at_least: float | None = None) -> Figure:
+    """Set the figure's ratio to `bound` and, given `at_least`, its mark against that target."""
+    if bound is None or not bound.value:
+        return figure
+    figure.bound = bound.short
+    figure.bound_value = bound.value
+    figure.ratio = figure.value / bound.value
+    if at_least is not None:
+        figure.target = f"≥ {at_least:g} × bound"
+        figure.met = figure.ratio >= at_least
+    return figure
+
+
+def at_most(figure: Figure, limit: float, ratio_to: Figure | None = None) -> Figure:
+    """A figure whose target is an upper limit: on its value, or (given `ratio_to`) its ratio."""
+    if ratio_to is not None:
+        if not ratio_to.value:
+            return figure
+        figure.bound, figure.bound_value = ratio_to.short, ratio_to.value
+        figure.ratio = figure.value / ratio_to.value
+        figure.target = f"≤ {limit:g} × bound"
+        figure.met = figure.ratio <= limit
+    else:
+        figure.target = f"< {limit:g} {figure.unit}"
+        figure.met = figure.value < limit
+    return figure
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def load_average() -> tuple[float, float, float]:
+    one, five, fifteen = os.getloadavg()
+    return (round(one, 2), round(five, 2), round(fifteen, 2))
+
+
 class Process:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    """A child process of the bench. In its own session: a Ctrl-C reaches the bench alone,
+    which then stops its children in order (the server before PostgreSQL)."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+        self.name = name
         self.log_path = log_path
         self.proc = subprocess.Popen(
-            args,
-            stdout=log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            args, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
         )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tree(self) -> list[psutil.Process]:
+        """The process and its children (the workers of `--workers N`)."""
+        try:
+            top = psutil.Process(self.proc.pid)
+            return [top, *top.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -91,12 +198,71 @@ class Process:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
 
-async def wait_http(url: str, timeout: float = 60.0) -> None:
+class Monitor:
+    """Samples the RSS of the server and of each carrier a few times a second; keeps the
+    peak of each per stage."""
+
+    def __init__(self) -> None:
+        self.processes: dict[str, Process] = {}
+        self.peaks: dict[str, int] = {}
+
+    def watch(self, process: Process) -> None:
+        self.processes[process.name] = process
+
+    def forget(self, process: Process) -> None:
+        self.sample()
+        self.processes.pop(process.name, None)
+
+    def sample(self) -> None:
+        for name, process in list(self.processes.items()):
+            rss = process.rss_bytes()
+            if rss > self.peaks.get(name, 0):
+                self.peaks[name] = rss
+
+    def take_peaks(self) -> dict[str, float]:
+        self.sample()
+        peaks = {name: round(rss / 2**20, 1) for name, rss in sorted(self.peaks.items())}
+        self.peaks = {}
+        return peaks
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.sample)
+            await asyncio.sleep(0.25)
+
+
+@contextlib.asynccontextmanager
+async def progress(label: str, state: Callable[[], Awaitable[str] | str]) -> AsyncIterator[None]:
+    """A line on stderr every few seconds while a long step runs."""
+    started = time.perf_counter()
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_SECONDS)
+            value = state()
+            text = await value if not isinstance(value, str) else value
+            log(f"  {label}: {text} ({time.perf_counter() - started:.0f}s)")
+
+    task = asyncio.create_task(ticker())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def wait_http(url: str, process: Process | None = None, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
+            if process is not None and process.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{process.name} exited ({process.proc.returncode}); see {process.log_path}"
+                )
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 async with session.get(url) as response:
                     if response.status == 200:
@@ -109,11 +275,36 @@ class Bench:
     def __init__(self, options: BenchOptions) -> None:
         self.o = options
         self.workdir = Path(tempfile.mkdtemp(prefix="ap4k-bench-"))
-        self.figures: list[Figure] = []
+        self.report = Report(
+            machine=describe_machine(),
+            options={
+                "quick": options.quick,
+                "dispatchers": options.dispatchers,
+                "workers": options.workers,
+                "carrier_workers": options.carrier_workers,
+                "backlog": options.backlog,
+                "carriers": options.carriers,
+                "seconds": options.seconds,
+                "latency_rate": options.latency_rate,
+                "delivery_messages": options.delivery_messages,
+            },
+            load_average_start=load_average(),
+        )
         self.processes: list[Process] = []
+        self.monitor = Monitor()
+        self.bounds: dict[str, Figure] = {}
         self.pg = EmbeddedPostgres(self.workdir / "pg")
         self.server_port = free_port()
         self.sink_port = free_port()
+        self.stage = ""
+        self.session: aiohttp.ClientSession | None = None
+        self.db: asyncpg.Connection | None = None
+        self.pg_starting: asyncio.Future[None] | None = None
+        self.cpu_dispatchers: Figure | None = None
+
+    @property
+    def figures(self) -> list[Figure]:
+        return self.report.figures
 
     @property
     def server(self) -> str:
@@ -123,12 +314,20 @@ class Bench:
     def sink(self) -> str:
         return f"http://127.0.0.1:{self.sink_port}"
 
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        return figure
+
+    def figure(self, name: str, value: float, unit: str, note: str = "", short: str = "") -> Figure:
+        return self.add(Figure(name, value, unit, self.stage, note=note, short=short))
+
     # -- set-up -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        log(f"PostgreSQL in {self.workdir}")
-        await asyncio.to_thread(self.pg.init)
-        await asyncio.to_thread(self.pg.start)
+        log(f"PostgreSQL in {self.workdir}; load average {self.report.load_average_start}")
+        # A thread cannot be cancelled: stop() waits for it before stopping PostgreSQL.
+        self.pg_starting = asyncio.ensure_future(asyncio.to_thread(self._start_postgres))
+        await asyncio.shield(self.pg_starting)
         conn = await asyncpg.connect(self.pg.url)
         await conn.execute("CREATE DATABASE ap4k")
         await conn.execute("CREATE DATABASE raw")
@@ -136,21 +335,36 @@ class Bench:
         # Everything runs on this machine: the server reaches PostgreSQL over its Unix
         # socket, as `ap4k serve` does with its embedded PostgreSQL.
         self.database_url = self.pg.socket_url("ap4k")
-        self.processes.append(
-            Process(
-                [sys.executable, "-m", "ap4k.bench.sink", "--port", str(self.sink_port)],
-                self.workdir / "sink.log",
-            )
+        sink = Process(
+            "sink",
+            [sys.executable, "-m", "ap4k.bench.sink", "--port", str(self.sink_port)],
+            self.workdir / "sink.log",
         )
+        self.processes.append(sink)
         await self.start_server(self.o.dispatchers)
-        await wait_http(self.sink + "/stats")
+        await wait_http(self.sink + "/stats", sink)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256), timeout=aiohttp.ClientTimeout(total=60)
         )
         self.db = await asyncpg.connect(self.database_url)
 
+    def _start_postgres(self) -> None:
+        self.pg.init()
+        self.pg.start()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        assert self.session is not None
+        return self.session
+
+    @property
+    def conn(self) -> asyncpg.Connection:
+        assert self.db is not None
+        return self.db
+
     async def start_server(self, dispatchers: int) -> Process:
         server = Process(
+            "server",
             [
                 sys.executable,
                 "-m",
@@ -164,28 +378,36 @@ class Bench:
                 self.database_url,
                 "--dispatchers",
                 str(dispatchers),
+                *(["--workers", str(self.o.workers)] if self.o.workers != 1 else []),
                 "--log-level",
                 "warning",
             ],
             self.workdir / "server.log",
         )
         self.processes.append(server)
-        await wait_http(self.server + "/readyz")
+        await wait_http(self.server + "/readyz", server)
         self.server_process = server
+        self.monitor.watch(server)
         return server
 
     async def restart_server(self, dispatchers: int) -> None:
+        self.monitor.forget(self.server_process)
         self.server_process.stop()
         self.processes.remove(self.server_process)
         await self.start_server(dispatchers)
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
-            await self.session.close()
-            await self.db.close()
+            if self.session is not None:
+                await self.session.close()
+            if self.db is not None:
+                await self.db.close()
         for process in reversed(self.processes):
             process.stop()
-        await asyncio.to_thread(self.pg.stop)
+        if self.pg_starting is not None:
+            with contextlib.suppress(Exception):
+                await self.pg_starting
+            await asyncio.to_thread(self.pg.stop)
         if not self.o.keep:
             import shutil
 
@@ -194,7 +416,7 @@ class Bench:
     # -- helpers ----------------------------------------------------------------------------
 
     async def post(self, path: str, payload: Any) -> Any:
-        async with self.session.post(
+        async with self.http.post(
             self.server + path,
             data=orjson.dumps(payload),
             headers={"Content-Type": "application/json"},
@@ -205,17 +427,18 @@ class Bench:
             return orjson.loads(body)
 
     async def put_queue(self, queue: str, **settings: Any) -> None:
-        async with self.session.put(f"{self.server}/v1/queues/{queue}", json=settings) as r:
-            assert r.status == 200, await r.text()
+        async with self.http.put(f"{self.server}/v1/queues/{queue}", json=settings) as r:
+            if r.status != 200:
+                raise RuntimeError(f"PUT queue {queue}: {r.status} {await r.text()}")
 
     async def sink_stats(self, latencies: bool = False) -> dict[str, Any]:
         url = self.sink + "/stats" + ("?latencies=1" if latencies else "")
-        async with self.session.get(url) as response:
+        async with self.http.get(url) as response:
             stats: dict[str, Any] = orjson.loads(await response.read())
             return stats
 
     async def sink_reset(self) -> None:
-        async with self.session.post(self.sink + "/reset"):
+        async with self.http.post(self.sink + "/reset"):
             pass
 
     async def fill(self, queue: str, count: int, batch: int = 1000, concurrency: int = 4) -> None:
@@ -234,14 +457,15 @@ class Bench:
                     return
                 await self.post(f"/v1/queues/{queue}/messages", {"messages": [message] * n})
 
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        async with progress(f"enqueued of {count:,}", lambda: f"{count - remaining:,}"):
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
 
     async def clear(self) -> None:
-        await self.db.execute("TRUNCATE ap4k_messages")
-        await self.db.execute("VACUUM ANALYZE ap4k_messages")
+        await self.conn.execute("TRUNCATE ap4k_messages")
+        await self.conn.execute("VACUUM ANALYZE ap4k_messages")
 
     async def timed_loop(
-        self, seconds: float, concurrency: int, step: Callable[[], Awaitable[int]]
+        self, label: str, seconds: float, concurrency: int, step: Callable[[], Awaitable[int]]
     ) -> float:
         done = 0
         deadline = time.perf_counter() + seconds
@@ -253,90 +477,132 @@ class Bench:
                 done += n
 
         started = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        async with progress(label, lambda: f"{done / (time.perf_counter() - started):,.0f}/s"):
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
         return done / (time.perf_counter() - started)
 
-    # -- the raw PostgreSQL bound -------------------------------------------------------------
+    # -- bounds: what the machine does right now without ap4k ------------------------------------
 
-    async def raw_postgres(self) -> None:
-        url = self.pg.socket_url("raw")
-        pool = await asyncpg.create_pool(url, min_size=16, max_size=16)
+    async def bound(self, key: str) -> Figure:
+        """A bound, measured the first time a stage needs it (then read from the cache)."""
+        if key not in self.bounds:
+            log(f"  bound: {key}")
+            measure = {
+                "insert_1": self.bare_insert_one,
+                "insert_100": self.bare_insert_hundred,
+                "lease": self.bare_lease_and_complete,
+                "http": self.bare_http,
+            }[key]
+            self.bounds[key] = await measure()
+        return self.bounds[key]
+
+    @contextlib.asynccontextmanager
+    async def raw_pool(self) -> AsyncIterator[asyncpg.Pool]:
+        pool = await asyncpg.create_pool(self.pg.socket_url("raw"), min_size=16, max_size=16)
         assert pool is not None
-        async with pool.acquire() as conn:
-            await conn.execute(
-                "CREATE TABLE jobs (id bigserial PRIMARY KEY, state text NOT NULL DEFAULT "
-                "'available', payload bytea)"
-            )
-            await conn.execute("CREATE INDEX ON jobs (id) WHERE state = 'available'")
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS jobs (id bigserial PRIMARY KEY, state text "
+                    "NOT NULL DEFAULT 'available', payload bytea)"
+                )
+                await conn.execute(
+                    "CREATE INDEX IF NOT EXISTS jobs_available ON jobs (id) "
+                    "WHERE state = 'available'"
+                )
+            yield pool
+        finally:
+            await pool.close()
+
+    async def bare_insert_one(self) -> Figure:
         payload = b'{"bench":true}'
+        async with self.raw_pool() as pool:
 
-        async def insert_one() -> int:
-            async with pool.acquire() as conn:
-                await conn.execute("INSERT INTO jobs (payload) VALUES ($1)", payload)
-            return 1
+            async def insert_one() -> int:
+                async with pool.acquire() as conn:
+                    await conn.execute("INSERT INTO jobs (payload) VALUES ($1)", payload)
+                return 1
 
-        async def insert_batch() -> int:
-            async with pool.acquire() as conn:
-                await conn.execute(
-                    "INSERT INTO jobs (payload) SELECT unnest($1::bytea[])", [payload] * 100
-                )
-            return 100
-
-        single = await self.timed_loop(self.o.seconds, 16, insert_one)
-        self.figures.append(
-            Figure("PostgreSQL: bare INSERT, 1 row/commit (16 conns)", single, "rows/s")
-        )
-        batched = await self.timed_loop(self.o.seconds, 8, insert_batch)
-        self.figures.append(
-            Figure("PostgreSQL: bare INSERT, 100 rows/commit (8 conns)", batched, "rows/s")
+            rate = await self.timed_loop("bare INSERT", self.o.seconds, 16, insert_one)
+        return self.figure(
+            "bound: bare INSERT, 1 row/commit (16 conns)",
+            rate,
+            "rows/s",
+            short="bare 1-row INSERTs",
         )
 
-        async def lease_and_complete() -> int:
-            async with pool.acquire() as conn:
-                rows = await conn.fetch(
-                    "UPDATE jobs SET state = 'running' WHERE id IN (SELECT id FROM jobs "
-                    "WHERE state = 'available' ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED) "
-                    "RETURNING id"
-                )
-                await conn.execute(
-                    "UPDATE jobs SET state = 'completed' WHERE id = ANY($1)",
-                    [r["id"] for r in rows],
-                )
-            return len(rows)
+    async def bare_insert_hundred(self) -> Figure:
+        payload = b'{"bench":true}'
+        async with self.raw_pool() as pool:
 
-        rate = await self.timed_loop(self.o.seconds, 16, lease_and_complete)
-        self.figures.append(
-            Figure("PostgreSQL: bare lease + complete, batches of 100", rate, "msg/s")
+            async def insert_batch() -> int:
+                async with pool.acquire() as conn:
+                    await conn.execute(
+                        "INSERT INTO jobs (payload) SELECT unnest($1::bytea[])", [payload] * 100
+                    )
+                return 100
+
+            rate = await self.timed_loop("bare INSERT ×100", self.o.seconds, 8, insert_batch)
+        return self.figure(
+            "bound: bare INSERT, 100 rows/commit (8 conns)",
+            rate,
+            "rows/s",
+            short="bare 100-row INSERTs",
         )
-        await pool.close()
 
-    async def calibration(self) -> None:
-        """A bare aiohttp POST loop from this process to the sink: what one Python HTTP
-        client does on this machine right now (docs/performance.md: 17,000-18,000/s
-        with uvloop on an idle machine). Read the ap4k figures against it."""
+    async def bare_lease_and_complete(self) -> Figure:
+        async with self.raw_pool() as pool:
+
+            async def lease_and_complete() -> int:
+                async with pool.acquire() as conn:
+                    rows = await conn.fetch(
+                        "UPDATE jobs SET state = 'running' WHERE id IN (SELECT id FROM jobs "
+                        "WHERE state = 'available' ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)"
+                        " RETURNING id"
+                    )
+                    await conn.execute(
+                        "UPDATE jobs SET state = 'completed' WHERE id = ANY($1)",
+                        [r["id"] for r in rows],
+                    )
+                return len(rows)
+
+            rate = await self.timed_loop("bare lease", self.o.seconds, 16, lease_and_complete)
+        return self.figure(
+            "bound: bare lease + complete, batches of 100",
+            rate,
+            "msg/s",
+            "over the rows the INSERT bounds left",
+        )
+
+    async def bare_http(self) -> Figure:
+        """A bare aiohttp POST loop from this process to the sink: what one Python HTTP client
+        does on this machine right now (docs/performance.md: 17,000-18,000/s with uvloop on an
+        idle machine). The delivery figures are read against it."""
         url = self.sink + "/deliver"
         body = b'{"bench":true}'
         headers = {"Content-Type": "application/json"}
 
         async def one() -> int:
-            async with self.session.post(url, data=body, headers=headers) as response:
+            async with self.http.post(url, data=body, headers=headers) as response:
                 await response.read()
             return 1
 
-        rate = await self.timed_loop(self.o.seconds, 32, one)
-        self.figures.append(
-            Figure(
-                "calibration: bare aiohttp POSTs to the sink, 1 process",
-                rate,
-                "req/s",
-                "",
-                "no ap4k involved",
-            )
+        rate = await self.timed_loop("bare POSTs", self.o.seconds, 32, one)
+        return self.figure(
+            "bound: bare aiohttp POSTs to the sink, 1 process",
+            rate,
+            "req/s",
+            short="bare aiohttp POSTs",
         )
 
-    # -- ap4k figures ---------------------------------------------------------------------------
+    # -- stages -------------------------------------------------------------------------------
 
-    async def enqueue_rates(self) -> None:
+    async def stage_raw(self) -> None:
+        for key in ("insert_1", "insert_100", "lease", "http"):
+            await self.bound(key)
+
+    async def stage_enqueue(self) -> None:
+        insert_1, insert_100 = await self.bound("insert_1"), await self.bound("insert_100")
         await self.put_queue("bench-enqueue", paused=True)
         single_message = {"target": self.sink + "/deliver", "body": {"bench": True}}
 
@@ -344,20 +610,16 @@ class Bench:
             await self.post("/v1/queues/bench-enqueue/messages", single_message)
             return 1
 
-        rate = await self.timed_loop(self.o.seconds, 64, one)
-        self.figures.append(
-            Figure("enqueue: single-message POSTs, concurrency 64", rate, "msg/s", "≥ 5,000")
-        )
+        rate = await self.timed_loop("single enqueue", self.o.seconds, 64, one)
+        versus(self.figure("enqueue: single-message POSTs, conc 64", rate, "msg/s"), insert_1, 0.9)
         batch = {"messages": [single_message] * 100}
 
         async def hundred() -> int:
             await self.post("/v1/queues/bench-enqueue/messages", batch)
             return 100
 
-        rate = await self.timed_loop(self.o.seconds, 8, hundred)
-        self.figures.append(
-            Figure("enqueue: batches of 100, concurrency 8", rate, "msg/s", "≥ 50,000")
-        )
+        rate = await self.timed_loop("batch enqueue", self.o.seconds, 8, hundred)
+        versus(self.figure("enqueue: batches of 100, conc 8", rate, "msg/s"), insert_100, 0.6)
         await self.clear()
 
     async def drain_rate(self, queue: str, count: int, measured: int | None = None) -> float:
@@ -365,50 +627,76 @@ class Bench:
         measured = measured or count
         await self.sink_reset()
         started = time.time()
+        received = 0
         await self.put_queue(queue, paused=False)
-        while True:
-            stats = await self.sink_stats()
-            if stats["received"] >= measured:
-                break
-            await asyncio.sleep(0.05)
+
+        def state() -> str:
+            return f"{received:,} of {measured:,} ({received / (time.time() - started):,.0f}/s)"
+
+        async with progress("delivered", state):
+            while True:
+                stats = await self.sink_stats()
+                received = stats["received"]
+                if received >= measured:
+                    break
+                await asyncio.sleep(0.05)
         return float(stats["received"] / (stats["last_at"] - started))
 
-    async def delivery_rate(
-        self, label: str = "delivery: empty start, server dispatchers", target: str = "≥ 5,000"
-    ) -> float:
+    async def delivery(self, label: str, delivering: list[Process]) -> tuple[float, float]:
+        """Fill a paused queue, release it; the delivery rate and the CPU-seconds that the
+        `delivering` processes (server, carriers) spent per 1,000 messages while draining."""
         await self.put_queue("bench-deliver", paused=True)
         await self.fill("bench-deliver", self.o.delivery_messages)
+        cpu_before = sum(p.cpu_seconds() for p in delivering)
         rate = await self.drain_rate("bench-deliver", self.o.delivery_messages)
-        self.figures.append(Figure(label, rate, "msg/s", target))
         await self.wait_idle()
+        cpu = sum(p.cpu_seconds() for p in delivering) - cpu_before
         await self.clear()
-        return rate
+        return rate, cpu / self.o.delivery_messages * 1000
+
+    async def stage_delivery(self) -> Figure:
+        http = await self.bound("http")
+        rate, cpu = await self.delivery("delivery", [self.server_process])
+        name = f"delivery: empty start, {self.o.dispatchers} dispatchers"
+        empty = self.figure(name, rate, "msg/s", short="server-only, empty start")
+        versus(empty, http, 0.8)
+        self.cpu_dispatchers = self.figure(
+            "CPU per 1,000 delivered: server dispatchers",
+            cpu,
+            "cpu-s",
+            "server process",
+            short="dispatcher path",
+        )
+        return empty
 
     async def wait_idle(self) -> None:
         busy = "SELECT count(*) FROM ap4k_messages WHERE state IN ('available', 'running')"
-        while await self.db.fetchval(busy):  # noqa: ASYNC110 - polling another process
+        while await self.conn.fetchval(busy):  # noqa: ASYNC110 - polling another process
             await asyncio.sleep(0.1)
 
-    async def latency(self) -> None:
+    async def stage_latency(self) -> None:
         rate, seconds = self.o.latency_rate, self.o.latency_seconds
         warmup = 1.0
         await self.sink_reset()
         total = int(rate * (seconds + warmup))
         started = time.perf_counter()
         errors = 0
+        sent = 0
 
         async def send_at(i: int) -> None:
-            nonlocal errors
+            nonlocal errors, sent
             delay = started + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             body = {"target": self.sink + "/deliver", "body": {"t": time.time(), "i": i}}
             try:
                 await self.post("/v1/queues/bench-latency/messages", body)
+                sent += 1
             except (RuntimeError, aiohttp.ClientError, OSError):
                 errors += 1
 
-        await asyncio.gather(*[send_at(i) for i in range(total)])
+        async with progress("latency", lambda: f"{sent:,} of {total:,} sent, {errors} errors"):
+            await asyncio.gather(*[send_at(i) for i in range(total)])
         deadline = time.monotonic() + 30
         while (await self.sink_stats())["received"] < total - errors:
             if time.monotonic() > deadline:
@@ -417,76 +705,90 @@ class Bench:
         samples = (await self.sink_stats(latencies=True))["latencies"]
         samples = samples[int(rate * warmup) :]  # drop the warm-up second
         samples.sort()
+        if not samples:
+            raise RuntimeError("latency: no message reached the sink")
         p50 = statistics.median(samples) * 1000
-        p99 = samples[int(len(samples) * 0.99) - 1] * 1000
-        self.figures.append(
-            Figure(f"latency p50, enqueue → delivered, {rate} msg/s offered", p50, "ms")
-        )
-        self.figures.append(
-            Figure(f"latency p99, enqueue → delivered, {rate} msg/s offered", p99, "ms", "< 20")
-        )
+        p99 = samples[max(int(len(samples) * 0.99) - 1, 0)] * 1000
+        note = f"{errors} enqueue errors" if errors else ""
+        self.figure(f"latency p50, enqueue → delivered, {rate} msg/s", p50, "ms", note)
+        p99_figure = self.figure(f"latency p99, enqueue → delivered, {rate} msg/s", p99, "ms")
+        at_most(p99_figure, 10)
         await self.wait_idle()
         await self.clear()
 
-    async def backlog_rate(self, empty_rate: float) -> None:
+    async def stage_backlog(self, empty: Figure) -> None:
         n = self.o.backlog
         await self.put_queue("bench-backlog", paused=True)
-        log(f"filling a backlog of {n:,} messages")
+        log(f"  filling a backlog of {n:,} messages")
         started = time.perf_counter()
         await self.fill("bench-backlog", n, batch=1000, concurrency=4)
-        log(f"backlog filled in {time.perf_counter() - started:.1f}s; draining")
+        log(f"  backlog filled in {time.perf_counter() - started:.1f}s; draining")
         rate = await self.drain_rate("bench-backlog", n, self.o.backlog_measured)
         await self.put_queue("bench-backlog", paused=True)
-        share = rate / empty_rate * 100 if empty_rate else 0.0
-        self.figures.append(
-            Figure(
-                f"delivery: with a {n:,}-message backlog",
-                rate,
-                "msg/s",
-                "≥ 80% of empty",
-                f"{share:.0f}% of the empty-start rate",
-            )
-        )
+        name = f"delivery: with a {n:,}-message backlog"
+        versus(self.figure(name, rate, "msg/s", f"first {self.o.backlog_measured:,}"), empty, 0.9)
         await self.clear()
+        rss = Figure("server peak RSS through the backlog", 0.0, "MB", self.stage)
+        rss.value = max(self.monitor.take_peaks().values(), default=0.0)
+        self.add(at_most(rss, 150))
 
-    async def carrier_rates(self, server_only: float) -> None:
+    def carrier(self, index: int) -> Process:
+        workers = self.o.carrier_workers
+        return Process(
+            f"carrier-{index}",
+            [
+                sys.executable,
+                "-m",
+                "ap4k.cli",
+                "carrier",
+                "--server",
+                self.server,
+                "--concurrency",
+                str(self.o.dispatchers),
+                *(["--workers", str(workers)] if workers != 1 else []),
+                "--metrics-port",
+                str(free_port()),
+                "--log-level",
+                "warning",
+            ],
+            self.workdir / f"carrier-{index}.log",
+        )
+
+    async def stage_carriers(self, server_only: Figure) -> None:
         await self.restart_server(0)
         carriers: list[Process] = []
         try:
             for count in sorted(set(self.o.carriers)):
                 while len(carriers) < count:
-                    carriers.append(
-                        Process(
-                            [
-                                sys.executable,
-                                "-m",
-                                "ap4k.cli",
-                                "carrier",
-                                "--server",
-                                self.server,
-                                "--concurrency",
-                                str(self.o.dispatchers),
-                                "--metrics-port",
-                                str(free_port()),
-                                "--log-level",
-                                "warning",
-                            ],
-                            self.workdir / f"carrier-{len(carriers)}.log",
-                        )
-                    )
-                self.processes.extend(carriers[-1:])
+                    carrier = self.carrier(len(carriers))
+                    carriers.append(carrier)
+                    self.processes.append(carrier)
+                    self.monitor.watch(carrier)
                 await asyncio.sleep(1.0)
-                rate = await self.delivery_rate(
-                    f"delivery: 0 dispatchers, {count} carrier(s)",
-                    "≥ 80% of server-only" if count == 1 else "",
+                rate, cpu = await self.delivery("carriers", [self.server_process, *carriers])
+                name = f"delivery: 0 dispatchers, {count} carrier(s)"
+                versus(self.figure(name, rate, "msg/s"), server_only, 0.9 if count == 1 else None)
+                cpu_figure = self.figure(
+                    f"CPU per 1,000 delivered: {count} carrier(s)",
+                    cpu,
+                    "cpu-s",
+                    "server + carrier processes",
                 )
-                self.figures[-1].note = f"{rate / server_only * 100:.0f}% of server-only"
+                if self.cpu_dispatchers is not None and count == 1:
+                    at_most(cpu_figure, 1.2, self.cpu_dispatchers)
+                else:
+                    versus(cpu_figure, self.cpu_dispatchers)
+            peaks = self.monitor.take_peaks()
+            rss = max((v for k, v in peaks.items() if k.startswith("carrier")), default=0.0)
+            self.add(at_most(Figure("carrier peak RSS", rss, "MB", self.stage), 100))
         finally:
             for carrier in carriers:
+                self.monitor.forget(carrier)
                 carrier.stop()
+                self.processes.remove(carrier)
             await self.restart_server(self.o.dispatchers)
 
-    async def outbox_rate(self) -> None:
+    async def stage_outbox(self) -> None:
         from ap4k.client.bench_outbox import run_outbox_bench
 
         conn = await asyncpg.connect(self.pg.url)
@@ -501,41 +803,99 @@ class Bench:
         for name, value in figures.items():
             if name.endswith("_rows_per_second") and isinstance(value, (int, float)):
                 label = name.removesuffix("_rows_per_second").replace("_", " ")
-                self.figures.append(Figure(f"outbox: {label}", float(value), "rows/s"))
+                self.figure(f"outbox: {label}", float(value), "rows/s")
         await self.wait_idle()
         await self.clear()
 
+    # -- profiling ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def profiled(self, stage: str) -> AsyncIterator[None]:
+        """With --profile: py-spy records the server (and its workers) through the stage, as
+        collapsed stacks in the work directory (kept)."""
+        if not self.o.profile:
+            yield
+            return
+        out = self.workdir / f"profile-{stage}-server.txt"
+        # py-spy writes its output when interrupted.
+        spy = Process(
+            "py-spy",
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(self.server_process.pid),
+                "--subprocesses",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+                "--rate",
+                "200",
+                "--nonblocking",
+            ],
+            self.workdir / f"profile-{stage}.log",
+        )
+        try:
+            yield
+        finally:
+            spy.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(spy.proc.wait, 30)
+            spy.stop()
+            log(f"  profile: {out}")
+
     # -- the whole run ------------------------------------------------------------------------
 
-    async def run(self, only: set[str] | None = None) -> list[Figure]:
-        await self.start()
+    async def run(self, stages: tuple[str, ...]) -> Report:
+        monitor: asyncio.Task[None] | None = None
         try:
-            stages = only or {"raw", "enqueue", "delivery", "latency", "backlog"}
-            if "raw" in stages:
-                log("raw PostgreSQL bound and HTTP calibration")
-                await self.raw_postgres()
-                await self.calibration()
-            if "enqueue" in stages:
-                log("enqueue rates")
-                await self.enqueue_rates()
-            empty = 0.0
-            if "delivery" in stages or "backlog" in stages or self.o.carriers:
-                log("delivery rate")
-                empty = await self.delivery_rate()
-            if "latency" in stages:
-                log("latency at a fixed offered load")
-                await self.latency()
-            if "backlog" in stages:
-                await self.backlog_rate(empty)
-            if self.o.carriers:
-                log(f"carriers {self.o.carriers}")
-                await self.carrier_rates(empty)
-            if self.o.outbox:
-                log("outbox forwarder")
-                await self.outbox_rate()
+            await self.start()
+            monitor = asyncio.create_task(self.monitor.run())
+            empty: Figure | None = None
+            needs_empty = {"backlog", "carriers"}
+            for stage in STAGES:
+                wanted = stage in stages
+                if stage == "delivery" and not wanted and needs_empty & set(stages):
+                    wanted = True  # the backlog and carrier figures are read against it
+                if not wanted:
+                    continue
+                self.stage = stage
+                log(f"stage {stage}")
+                self.monitor.take_peaks()
+                report = StageReport(stage)
+                started = time.perf_counter()
+                async with self.profiled(stage):
+                    if stage == "raw":
+                        await self.stage_raw()
+                    elif stage == "enqueue":
+                        await self.stage_enqueue()
+                    elif stage == "delivery":
+                        empty = await self.stage_delivery()
+                    elif stage == "latency":
+                        await self.stage_latency()
+                    elif stage == "backlog":
+                        assert empty is not None
+                        self.monitor.sample()
+                        await self.stage_backlog(empty)
+                    elif stage == "carriers":
+                        assert empty is not None
+                        await self.stage_carriers(empty)
+                    elif stage == "outbox":
+                        await self.stage_outbox()
+                report.seconds = round(time.perf_counter() - started, 1)
+                report.peak_rss_mb = self.monitor.take_peaks() or report.peak_rss_mb
+                report.load_average = load_average()
+                self.report.stages.append(report)
+        except asyncio.CancelledError:
+            self.report.interrupted = True
+            raise
         finally:
+            if monitor is not None:
+                monitor.cancel()
+            self.report.load_average_end = load_average()
             await self.stop()
-        return self.figures
+        return self.report
 
 
 def describe_machine() -> str:
@@ -545,14 +905,38 @@ def describe_machine() -> str:
     )
 
 
-def render(figures: list[Figure], options: BenchOptions) -> str:
+def _value(value: float, unit: str) -> str:
+    return (
+        f"{value:,.1f}"
+        if unit in ("ms", "MB")
+        else (f"{value:,.2f}" if unit == "cpu-s" else f"{value:,.0f}")
+    )
+
+
+def render(report: Report) -> str:
+    o = report.options
     lines = [
-        f"ap4k bench — {describe_machine()}; one server process, {options.dispatchers} "
-        "dispatchers; load generator, server, PostgreSQL and sink on this machine",
+        f"ap4k bench — {report.machine}; {o['workers']} server worker(s), "
+        f"{o['dispatchers']} dispatchers; load generator, server, PostgreSQL and sink on this "
+        "machine",
+        f"load average (1, 5, 15 min): {report.load_average_start} at start, "
+        f"{report.load_average_end} at end",
         "",
-        f"{'figure':<62} {'value':>12}  {'unit':<7} {'target':<22} note",
+        f"{'figure':<50} {'value':>10} {'unit':<6}  {'bound (same run)':<36} {'ratio':>5}  "
+        f"{'target':<14} {'':<6} note",
     ]
-    for f in figures:
-        value = f"{f.value:,.1f}" if f.unit == "ms" else f"{f.value:,.0f}"
-        lines.append(f"{f.name:<62} {value:>12}  {f.unit:<7} {f.target:<22} {f.note}")
+    for f in report.figures:
+        bound = f"{f.bound} {_value(f.bound_value, f.unit)}" if f.bound_value else ""
+        ratio = f"{f.ratio:.2f}" if f.ratio is not None else ""
+        mark = {True: "met", False: "MISSED", None: ""}[f.met]
+        lines.append(
+            f"{f.name:<50} {_value(f.value, f.unit):>10} {f.unit:<6}  {bound:<36} {ratio:>5}  "
+            f"{f.target:<14} {mark:<6} {f.note}".rstrip()
+        )
+    lines += ["", f"{'stage':<10} {'seconds':>8}  {'load avg':<20} peak RSS (MB)"]
+    for s in report.stages:
+        rss = ", ".join(f"{k} {v:,.0f}" for k, v in s.peak_rss_mb.items())
+        lines.append(f"{s.name:<10} {s.seconds:>8,.1f}  {s.load_average[0]:<20} {rss}")
+    if report.interrupted:
+        lines += ["", "interrupted: the figures above are the stages that finished"]
     return "\n".join(lines)
