@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ap4k.core.config import add_flag, add_logging_flags
 
@@ -23,6 +24,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=32,
         cast=int,
         help="concurrent deliveries",
+    )
+    add_flag(
+        carrier,
+        "--workers",
+        env_name="WORKERS",
+        default=1,
+        cast=int,
+        help="carrier processes (each with --concurrency deliveries; /metrics on a shared port)",
     )
     add_flag(
         carrier,
@@ -68,19 +77,42 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_carrier(args: argparse.Namespace) -> int:
+    from ap4k.core import logs
+
+    logs.configure(args.log_level, args.log_format)
+    if args.workers < 1:
+        print("ap4k carrier: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers == 1:
+        carrier_worker(args, 0)
+        return 0
+    from ap4k.core.workers import supervise
+
+    return supervise(
+        args.workers,
+        carrier_worker,
+        args,
+        name="ap4k-carrier",
+        grace_seconds=args.drain_seconds,
+    )
+
+
+def carrier_worker(args: argparse.Namespace, index: int) -> None:
+    """One carrier process; with `--workers N`, worker `index` of N (its own carrier id)."""
     from ap4k.carrier.carrier import CarrierSettings
     from ap4k.carrier.main import run
     from ap4k.core import logs
 
-    logs.configure(args.log_level, args.log_format)
+    if args.workers > 1:
+        logs.configure(args.log_level, args.log_format)
+    carrier_id = f"{args.id}-{index}" if args.id and args.workers > 1 else args.id
     settings = CarrierSettings(
         servers=[s.strip() for s in args.server.split(",") if s.strip()],
         concurrency=args.concurrency,
         lease_seconds=args.lease_seconds,
         queues=[q.strip() for q in args.queues.split(",") if q.strip()],
         api_token=args.api_token,
-        carrier_id=args.id,
+        carrier_id=carrier_id,
         drain_grace_seconds=args.drain_seconds,
     )
-    logs.run_async(run(settings, args.metrics_port))
-    return 0
+    logs.run_async(run(settings, args.metrics_port, reuse_port=args.workers > 1))

@@ -11,7 +11,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from ap4k.carrier.carrier import Carrier, CarrierSettings
 
 
-async def run(settings: CarrierSettings, metrics_port: int) -> None:
+async def run(settings: CarrierSettings, metrics_port: int, reuse_port: bool = False) -> None:
     carrier = Carrier(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -34,7 +34,9 @@ async def run(settings: CarrierSettings, metrics_port: int) -> None:
         app.router.add_get("/readyz", readyz)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, "0.0.0.0", metrics_port).start()
+        # With `--workers N` every worker serves /metrics on the port: a scrape reads one.
+        site = web.TCPSite(runner, "0.0.0.0", metrics_port, reuse_port=reuse_port or None)
+        await site.start()
     try:
         await carrier.run()
     finally:

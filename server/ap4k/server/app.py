@@ -51,6 +51,8 @@ class ServerSettings:
     prune_interval_seconds: float = 60.0
     gauges_interval_seconds: float = 5.0
     pool_size: int = 8
+    # With `--workers N`, every worker listens on the port (SO_REUSEPORT).
+    reuse_port: bool = False
 
 
 class Server:
@@ -114,7 +116,9 @@ class Server:
             app, access_log=None, handle_signals=False, shutdown_timeout=5.0
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, s.host, s.port, backlog=2048).start()
+        await web.TCPSite(
+            self._runner, s.host, s.port, backlog=2048, reuse_port=s.reuse_port or None
+        ).start()
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(wakeups.run_notifier(store), name="ap4k-notifier"),
@@ -129,14 +133,7 @@ class Server:
         )
 
     def _start_embedded(self) -> str:
-        from platformdirs import user_data_dir
-
-        data_dir = self.settings.data_dir or Path(user_data_dir("ap4k"))
-        self.embedded = EmbeddedPostgres(data_dir / "postgres", port=_stable_port(data_dir))
-        self.embedded.init()
-        if not self.embedded.running():
-            self.embedded.start()
-        log.info("embedded PostgreSQL in %s at %s", self.embedded.data_dir, self.embedded.url)
+        self.embedded = start_embedded(self.settings.data_dir)
         # This process is on the same machine: talk over the Unix socket, not loopback TCP.
         return self.embedded.socket_url()
 
@@ -183,6 +180,19 @@ class Server:
             await asyncio.to_thread(self.embedded.stop)
 
 
+def start_embedded(data_dir: Path | None) -> EmbeddedPostgres:
+    """The embedded PostgreSQL of `data_dir` (default: the user data dir), running."""
+    from platformdirs import user_data_dir
+
+    data_dir = data_dir or Path(user_data_dir("ap4k"))
+    embedded = EmbeddedPostgres(data_dir / "postgres", port=_stable_port(data_dir))
+    embedded.init()
+    if not embedded.running():
+        embedded.start()
+    log.info("embedded PostgreSQL in %s at %s", embedded.data_dir, embedded.url)
+    return embedded
+
+
 def _stable_port(data_dir: Path) -> int:
     """The embedded cluster keeps its port across restarts (recorded beside its data)."""
     from ap4k.core.embedded_pg import free_port
@@ -194,6 +204,14 @@ def _stable_port(data_dir: Path) -> int:
     port = free_port()
     record.write_text(str(port))
     return port
+
+
+def serve_worker(settings: ServerSettings, log_level: str, log_format: str, index: int) -> None:
+    """One worker of `ap4k serve --workers N` (in its own process)."""
+    from ap4k.core import logs
+
+    logs.configure(log_level, log_format)
+    logs.run_async(serve(settings))
 
 
 async def serve(settings: ServerSettings) -> None:

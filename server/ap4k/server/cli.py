@@ -28,6 +28,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_flag(
         serve,
+        "--workers",
+        env_name="WORKERS",
+        default=1,
+        cast=int,
+        help="server processes sharing the port (SO_REUSEPORT); each has its own dispatchers",
+    )
+    add_flag(
+        serve,
         "--database-url",
         env_name="DATABASE_URL",
         default=None,
@@ -141,9 +149,12 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from ap4k.core import logs
-    from ap4k.server.app import ServerSettings, serve
+    from ap4k.server.app import ServerSettings, serve, serve_worker, start_embedded
 
     logs.configure(args.log_level, args.log_format)
+    if args.workers < 1:
+        print("ap4k serve: --workers must be at least 1", file=sys.stderr)
+        return 2
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -157,9 +168,30 @@ def run_serve(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         migrate=args.migrate,
         pool_size=args.pool_size,
+        reuse_port=args.workers > 1,
     )
-    logs.run_async(serve(settings))
-    return 0
+    if args.workers == 1:
+        logs.run_async(serve(settings))
+        return 0
+    from ap4k.core.workers import supervise
+
+    # One embedded PostgreSQL for all the workers, started and stopped by the supervisor.
+    embedded = None if settings.database_url else start_embedded(settings.data_dir)
+    if embedded is not None:
+        settings.database_url = embedded.socket_url()
+    try:
+        return supervise(
+            args.workers,
+            serve_worker,
+            settings,
+            args.log_level,
+            args.log_format,
+            name="ap4k-serve",
+            grace_seconds=settings.drain_grace_seconds,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 def run_migrate(args: argparse.Namespace) -> int:

@@ -38,18 +38,20 @@ def available_migrations() -> list[Migration]:
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply the pending migrations in order; return the versions applied."""
-    await conn.execute(
-        """
-        CREATE TABLE IF NOT EXISTS ap4k_schema_migrations (
-            version    integer PRIMARY KEY,
-            name       text NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now()
-        )
-        """
-    )
     applied: list[int] = []
+    # The lock comes first: two first starts at once would both create the version table
+    # (CREATE TABLE IF NOT EXISTS is not safe against a concurrent CREATE).
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
     try:
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS ap4k_schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
         done = {
             r["version"] for r in await conn.fetch("SELECT version FROM ap4k_schema_migrations")
         }
