@@ -33,6 +33,22 @@ def gone(processes: list[psutil.Process]) -> bool:
     return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
 
 
+async def listening_workers(pid: int, port: int) -> list[psutil.Process]:
+    """The supervisor's two workers, once both listen on `port`."""
+    workers = await asyncio.to_thread(workers_of, pid, 2)
+    assert len(workers) == 2
+    for worker in workers:
+        await asyncio.to_thread(_wait_listening, worker, port)
+    return workers
+
+
+async def deliver_forty(api: Api, queue: str) -> None:
+    async with sink() as target:
+        message = {"target": target.url + "/hook"}
+        sent = [(await api.send(queue, message))["id"] for _ in range(40)]
+        await target.wait_for(lambda: set(sent) <= set(target.delivered_ids()))
+
+
 async def test_server_workers_share_the_port_deliver_and_stop_on_sigterm(
     database_url: str,
 ) -> None:
@@ -40,19 +56,9 @@ async def test_server_workers_share_the_port_deliver_and_stop_on_sigterm(
     assert server.process is not None
     api = Api(server.url)
     try:
-        workers = await asyncio.to_thread(workers_of, server.process.pid, 2)
-        assert len(workers) == 2
         # Both listen on the one port: the kernel spreads connections over them.
-        for worker in workers:
-            await asyncio.to_thread(_wait_listening, worker, server.port)
-        async with sink() as target:
-            sent = [
-                (await api.send("workers", {"target": target.url + "/hook", "body": {"i": i}}))[
-                    "id"
-                ]
-                for i in range(40)
-            ]
-            await target.wait_for(lambda: set(sent) <= set(target.delivered_ids()))
+        workers = await listening_workers(server.process.pid, server.port)
+        await deliver_forty(api, "workers")
         assert await asyncio.to_thread(server.terminate, 30) == 0
         assert gone(workers)
     finally:
@@ -86,16 +92,8 @@ async def test_carrier_workers_deliver_and_stop_on_sigterm(start_server: StartSe
     carrier = await CarrierProcess(api.base_url, "--workers", "2", concurrency=4).start()
     assert carrier.process is not None
     try:
-        workers = await asyncio.to_thread(workers_of, carrier.process.pid, 2)
-        assert len(workers) == 2
-        for worker in workers:
-            await asyncio.to_thread(_wait_listening, worker, carrier.metrics_port)
-        async with sink() as target:
-            sent = [
-                (await api.send("carried", {"target": target.url + "/hook"}))["id"]
-                for _ in range(40)
-            ]
-            await target.wait_for(lambda: set(sent) <= set(target.delivered_ids()))
+        workers = await listening_workers(carrier.process.pid, carrier.metrics_port)
+        await deliver_forty(api, "carried")
         assert await asyncio.to_thread(carrier.terminate, 30) == 0
         assert gone(workers)
     finally:

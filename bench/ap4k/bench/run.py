@@ -488,8 +488,8 @@ class Bench:
         if key not in self.bounds:
             log(f"  bound: {key}")
             measure = {
-                "insert_1": self.bare_insert_one,
-                "insert_100": self.bare_insert_hundred,
+                "insert_1": lambda: self.bare_insert(1, 16),
+                "insert_100": lambda: self.bare_insert(100, 8),
                 "lease": self.bare_lease_and_complete,
                 "http": self.bare_http,
             }[key]
@@ -514,40 +514,30 @@ class Bench:
         finally:
             await pool.close()
 
-    async def bare_insert_one(self) -> Figure:
+    async def bare_insert(self, rows: int, connections: int) -> Figure:
+        """Bare INSERTs of `rows` rows per commit from `connections` connections."""
         payload = b'{"bench":true}'
+        many = [payload] * rows
         async with self.raw_pool() as pool:
 
-            async def insert_one() -> int:
+            async def insert() -> int:
                 async with pool.acquire() as conn:
-                    await conn.execute("INSERT INTO jobs (payload) VALUES ($1)", payload)
-                return 1
+                    if rows == 1:
+                        await conn.execute("INSERT INTO jobs (payload) VALUES ($1)", payload)
+                    else:
+                        await conn.execute(
+                            "INSERT INTO jobs (payload) SELECT unnest($1::bytea[])", many
+                        )
+                return rows
 
-            rate = await self.timed_loop("bare INSERT", self.o.seconds, 16, insert_one)
+            label = f"bare INSERT ×{rows}"
+            rate = await self.timed_loop(label, self.o.seconds, connections, insert)
+        plural = "row" if rows == 1 else "rows"
         return self.figure(
-            "bound: bare INSERT, 1 row/commit (16 conns)",
+            f"bound: bare INSERT, {rows} {plural}/commit ({connections} conns)",
             rate,
             "rows/s",
-            short="bare 1-row INSERTs",
-        )
-
-    async def bare_insert_hundred(self) -> Figure:
-        payload = b'{"bench":true}'
-        async with self.raw_pool() as pool:
-
-            async def insert_batch() -> int:
-                async with pool.acquire() as conn:
-                    await conn.execute(
-                        "INSERT INTO jobs (payload) SELECT unnest($1::bytea[])", [payload] * 100
-                    )
-                return 100
-
-            rate = await self.timed_loop("bare INSERT ×100", self.o.seconds, 8, insert_batch)
-        return self.figure(
-            "bound: bare INSERT, 100 rows/commit (8 conns)",
-            rate,
-            "rows/s",
-            short="bare 100-row INSERTs",
+            short=f"bare {rows}-row INSERTs",
         )
 
     async def bare_lease_and_complete(self) -> Figure:
