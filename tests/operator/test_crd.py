@@ -8,6 +8,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from ap4k.operator import constants
 from ap4k.operator.spec import parse_spec
 from tests.operator import apiserver
 
@@ -47,6 +48,13 @@ FULL = {
 
 def test_the_crd_is_a_valid_kubernetes_object(crd: dict[str, Any]) -> None:
     kubernetes_validate.validate(crd, "1.30.0", strict=True)
+
+
+def test_the_operator_spells_the_crds_names(crd: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    assert (spec["group"], spec["versions"][0]["name"]) == (constants.GROUP, constants.VERSION)
+    assert (spec["names"]["kind"], spec["names"]["plural"]) == (constants.KIND, constants.PLURAL)
+    assert crd["metadata"]["name"] == f"{constants.PLURAL}.{constants.GROUP}"
 
 
 def test_names_versions_and_subresources(crd: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from ap4k.operator import builders, conditions, metrics, queue_server, scaling
-from ap4k.operator.config import OperatorConfig, current, endpoint
+from ap4k.operator.config import OperatorConfig, endpoint
 from ap4k.operator.kube import KubeError, object_path
 from ap4k.operator.spec import AsyncQueueSpec
 from ap4k.operator.state import (
@@ -233,7 +233,7 @@ async def autoscale_once(
     if spec is None:
         return
     now = time.monotonic() if now is None else now
-    poll = await observe(rt, state, spec, current(), now)
+    poll = await observe(rt, state, spec, rt.config, now)
     async with state.lock:
         if state.spec != spec or state.scaler is None:
             return  # the spec changed meanwhile: the next poll uses the new one

@@ -12,12 +12,9 @@ from typing import Any
 import kopf
 
 from ap4k.operator.config import CARRIER_METRICS_PORT, SERVER_PORT, OperatorConfig, endpoint
+from ap4k.operator.constants import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, OWNER_LABEL
 from ap4k.operator.spec import AsyncQueueSpec
 
-MANAGED_BY = "ap4k-operator"
-# Children carry the name of their AsyncQueue here; the drift watchers find the owner by it.
-OWNER_LABEL = "ap4k.dev/asyncqueue"
-COMPONENT_LABEL = "app.kubernetes.io/component"
 # Non-root like the image's USER (a numeric id, so that runAsNonRoot can verify it).
 RUN_AS_USER = 10001
 # A stopping server or carrier finishes (or hands back) what it holds within DRAIN_SECONDS
@@ -51,7 +48,7 @@ def labels(name: str, component: str) -> dict[str, str]:
     return {
         **selector_labels(name, component),
         "app.kubernetes.io/part-of": "ap4k",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         OWNER_LABEL: name,
     }
 

@@ -1,7 +1,8 @@
 """Operator settings: one typed object, read from `AP4K_*` environment variables.
 
-`ap4k operator` fills it from its flags (whose defaults come from the same variables); the
-handlers read it through `current()`. Under `kopf run` (as in the tests) it comes from the
+`ap4k operator` fills it from its flags (whose defaults come from the same variables) and
+hands it over with `configure()`; the operator's start-up reads it once, through `current()`,
+into the runtime in kopf's memo. Under `kopf run` (as in the tests) it comes from the
 environment alone.
 """
 

@@ -16,13 +16,15 @@ from urllib.parse import quote
 import aiohttp
 import kopf
 
+from ap4k.operator.constants import API_VERSION, KIND, PLURAL, USER_AGENT
+
 Body = dict[str, Any]
 
 # (apiVersion, kind) → the resource's plural, for the kinds the operator touches.
 PLURALS: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("v1", "Service"): "services",
-    ("ap4k.dev/v1alpha1", "AsyncQueue"): "asyncqueues",
+    (API_VERSION, KIND): PLURAL,
 }
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -72,7 +74,7 @@ class KubeClient:
         self._loop = loop
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=info.as_ssl_context()),
-            headers={**info.as_http_headers(), "User-Agent": "ap4k-operator"},
+            headers={**info.as_http_headers(), "User-Agent": USER_AGENT},
             proxy=info.proxy_url,
             trust_env=info.trust_env,
             timeout=aiohttp.ClientTimeout(total=30),
@@ -127,6 +129,3 @@ class KubeClient:
     async def delete(self, path: str) -> Body | None:
         return await self.request("DELETE", path)
 
-
-# One client per operator process; the login handler feeds it.
-client = KubeClient()

@@ -16,13 +16,12 @@ import kopf
 
 from ap4k.operator import builders, conditions, metrics
 from ap4k.operator.apply import apply, contains
-from ap4k.operator.config import OperatorConfig, current
+from ap4k.operator.config import OperatorConfig
+from ap4k.operator.constants import API_VERSION, KIND, OWNER_LABEL
 from ap4k.operator.kube import KubeClient, KubeError, object_path
 from ap4k.operator.scaling import ScalerState
 from ap4k.operator.spec import AsyncQueueSpec, SpecError, parse_spec
 from ap4k.operator.state import (
-    API_VERSION,
-    KIND,
     Body,
     QueueState,
     Runtime,
@@ -50,7 +49,7 @@ async def reconcile(
     meta = body.get("metadata", {})
     name, namespace = meta["name"], meta["namespace"]
     state = rt.registry.ensure(namespace, name, body.get("status"))
-    config = current()
+    config = rt.config
     async with state.lock:
         state.generation = meta.get("generation")
         state.owner = owner_of(body)
@@ -122,7 +121,7 @@ async def correct_drift(
 ) -> None:
     """Put a child back when it was deleted or edited away from its desired state."""
     meta = child.get("metadata", {})
-    owner_name = (meta.get("labels") or {}).get(builders.OWNER_LABEL)
+    owner_name = (meta.get("labels") or {}).get(OWNER_LABEL)
     namespace, name = meta.get("namespace"), meta.get("name")
     if not owner_name or not namespace or not name:
         return
@@ -134,7 +133,7 @@ async def correct_drift(
     ):
         ready = (child.get("status") or {}).get("readyReplicas") or 0
         state.carriers.observed(0 if event_type == "DELETED" else int(ready), time.monotonic())
-    config = current()
+    config = rt.config
     # Most events are the operator's own writes: filter them out without taking the lock.
     desired = _desired_child(state, kind, name, config)
     if desired is None or (event_type != "DELETED" and contains(child, desired)):

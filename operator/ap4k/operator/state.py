@@ -16,13 +16,11 @@ import kopf
 
 from ap4k.operator import conditions, metrics, queue_server
 from ap4k.operator.conditions import Condition
-from ap4k.operator.config import endpoint
+from ap4k.operator.config import OperatorConfig, endpoint
+from ap4k.operator.constants import API_VERSION, KIND
 from ap4k.operator.kube import KubeClient, object_path
 from ap4k.operator.scaling import Decision, ScalerState, ScalingPolicy
 from ap4k.operator.spec import AsyncQueueSpec
-
-API_VERSION = "ap4k.dev/v1alpha1"
-KIND = "AsyncQueue"
 
 Body = dict[str, Any]
 
@@ -117,9 +115,10 @@ class Registry:
 
 @dataclasses.dataclass
 class Runtime:
-    """Everything a running operator shares; replaced at each start (tests run several)."""
+    """Everything a running operator shares, kept in kopf's memo (tests run several)."""
 
-    kube: KubeClient
+    config: OperatorConfig
+    kube: KubeClient = dataclasses.field(default_factory=KubeClient)
     http: queue_server.HttpClient = dataclasses.field(default_factory=queue_server.HttpClient)
     registry: Registry = dataclasses.field(default_factory=Registry)
 
