@@ -55,6 +55,18 @@ def asyncqueue(**carriers: Any) -> dict[str, Any]:
     }
 
 
+def operator_settings(cluster: Any, server: ServerProcess, metrics_port: int = 0) -> Any:
+    return config.OperatorConfig(
+        kubernetes_url=cluster.url, server_url_template=server.url, metrics_port=metrics_port,
+        http_timeout_seconds=2.0, scanning=False,
+    )
+
+
+def carriers(cluster: Any) -> int:
+    replicas: int = cluster.get(DEPLOYMENTS, "orders-carrier")["spec"]["replicas"]
+    return replicas
+
+
 def condition(obj: Any, kind: str) -> dict[str, Any]:
     for item in obj["status"]["conditions"]:
         if item["type"] == kind:
@@ -66,18 +78,10 @@ async def test_carriers_follow_the_load_and_queue_settings_are_applied(
     cluster: Any, run_operator: Any, server: ServerProcess
 ) -> None:
     metrics_port = free_port()
-    settings = config.OperatorConfig(
-        kubernetes_url=cluster.url, server_url_template=server.url, metrics_port=metrics_port,
-        http_timeout_seconds=2.0, scanning=False,
-    )
-    api = Api(server.url)
+    settings, api = operator_settings(cluster, server, metrics_port), Api(server.url)
 
     def aq() -> Any:
         return cluster.get(AQ, "orders")
-
-    def carriers() -> int:
-        replicas: int = cluster.get(DEPLOYMENTS, "orders-carrier")["spec"]["replicas"]
-        return replicas
 
     async def enqueue(queue: str, count: int) -> list[str]:
         sent = await api.send_batch(queue, [{"target": TARGET} for _ in range(count)])
@@ -102,7 +106,7 @@ async def test_carriers_follow_the_load_and_queue_settings_are_applied(
             )
             idle = (await api.ok("GET", "/v1/queues/idle"))["settings"]
             assert idle["rate_limit_per_second"] == 5.5
-            assert carriers() == 0  # idle, minReplicas 0
+            assert carriers(cluster) == 0  # idle, minReplicas 0
 
             # A backlog on a paused queue asks for no carrier.
             paused = await enqueue("jobs", 25)
@@ -111,11 +115,11 @@ async def test_carriers_follow_the_load_and_queue_settings_are_applied(
                 what="the paused queue capped",
             )
             assert aq()["status"]["backlog"] == 25
-            assert carriers() == 0
+            assert carriers(cluster) == 0
 
             # A queue nobody declared counts: its first messages bring carriers at once.
             work = await enqueue("work", 30)
-            await cluster.eventually(lambda: carriers() >= 1, what="carriers for `work`")
+            await cluster.eventually(lambda: carriers(cluster) >= 1, what="carriers for `work`")
             (event,) = await cluster.eventually(lambda: cluster.events("ScaledUp"),
                                                 what="a ScaledUp event")
             assert event["type"] == "Normal"
@@ -137,17 +141,17 @@ async def test_carriers_follow_the_load_and_queue_settings_are_applied(
                 and aq()["status"]["carriers"]["demand"]["waiting"] == 300,
                 what="the rate-limited queue capped",
             )
-            await cluster.eventually(lambda: carriers() == 1, timeout=WINDOW + 15,
+            await cluster.eventually(lambda: carriers(cluster) == 1, timeout=WINDOW + 15,
                                      what="one carrier for the rate-limited queue")
 
             # Idle: one warm carrier for the window, then zero; the paused backlog stays.
             await cancel(limited)
-            await cluster.eventually(lambda: carriers() == 0, timeout=WINDOW + 15,
+            await cluster.eventually(lambda: carriers(cluster) == 0, timeout=WINDOW + 15,
                                      what="scale to zero")
             await cluster.eventually(lambda: aq()["status"]["backlog"] == 25,
                                      what="the paused backlog alone")
             await enqueue("work", 1)
-            await cluster.eventually(lambda: carriers() == 1, what="scale from zero")
+            await cluster.eventually(lambda: carriers(cluster) == 1, what="scale from zero")
             del paused
 
             # Someone changes a declared setting through the API: the operator puts it back.
@@ -199,15 +203,7 @@ async def test_server_rejecting_a_setting_is_reported(
 async def test_an_operator_restart_keeps_a_warm_carrier_for_the_window(
     cluster: Any, run_operator: Any, server: ServerProcess
 ) -> None:
-    settings = config.OperatorConfig(
-        kubernetes_url=cluster.url, server_url_template=server.url, metrics_port=0,
-        http_timeout_seconds=2.0, scanning=False,
-    )
-    api = Api(server.url)
-
-    def carriers() -> int:
-        replicas: int = cluster.get(DEPLOYMENTS, "orders-carrier")["spec"]["replicas"]
-        return replicas
+    settings, api = operator_settings(cluster, server), Api(server.url)
 
     try:
         async with run_operator(settings):
@@ -217,7 +213,7 @@ async def test_an_operator_restart_keeps_a_warm_carrier_for_the_window(
                 == "True", what="the queues configured",
             )
             sent = await api.send_batch("work", [{"target": TARGET} for _ in range(45)])
-            await cluster.eventually(lambda: carriers() == 5, what="5 carriers")
+            await cluster.eventually(lambda: carriers(cluster) == 5, what="5 carriers")
 
         # While the operator is away (an upgrade), the demand goes.
         for item in sent:
@@ -230,8 +226,8 @@ async def test_an_operator_restart_keeps_a_warm_carrier_for_the_window(
                 lambda: cluster.get(AQ, "orders")["status"]["backlog"] == 0,
                 what="the empty backlog observed",
             )
-            await cluster.eventually(lambda: carriers() == 1, what="one warm carrier")
-            await cluster.eventually(lambda: carriers() == 0, timeout=WINDOW + 15,
+            await cluster.eventually(lambda: carriers(cluster) == 1, what="one warm carrier")
+            await cluster.eventually(lambda: carriers(cluster) == 0, timeout=WINDOW + 15,
                                      what="scale to zero after the window")
     finally:
         await api.close()
@@ -240,15 +236,7 @@ async def test_an_operator_restart_keeps_a_warm_carrier_for_the_window(
 async def test_from_zero_the_first_message_gets_a_carrier_within_a_second_not_a_poll(
     cluster: Any, run_operator: Any, server: ServerProcess
 ) -> None:
-    settings = config.OperatorConfig(
-        kubernetes_url=cluster.url, server_url_template=server.url, metrics_port=0,
-        http_timeout_seconds=2.0, scanning=False,
-    )
-    api = Api(server.url)
-
-    def carriers() -> int:
-        replicas: int = cluster.get(DEPLOYMENTS, "orders-carrier")["spec"]["replicas"]
-        return replicas
+    settings, api = operator_settings(cluster, server), Api(server.url)
 
     try:
         async with run_operator(settings):
@@ -257,10 +245,11 @@ async def test_from_zero_the_first_message_gets_a_carrier_within_a_second_not_a_
                 lambda: condition(cluster.get(AQ, "orders"), "Ready")["status"] == "True",
                 what="Ready=True",
             )
-            assert carriers() == 0
+            assert carriers(cluster) == 0
             sent_at = time.monotonic()
             await api.send("work", {"target": TARGET})
-            await cluster.eventually(lambda: carriers() == 1, interval=0.02, what="1 carrier")
+            await cluster.eventually(lambda: carriers(cluster) == 1, interval=0.02,
+                                     what="1 carrier")
             elapsed = time.monotonic() - sent_at
             print(f"first carrier requested {elapsed:.2f}s after the first enqueue")
             # The zero check (every 0.5 s), not the 120 s poll: well within a few seconds even
