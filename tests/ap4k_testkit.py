@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -196,6 +197,34 @@ class Api:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"message {msg_id} is {message['state']}, not {states}")
             await asyncio.sleep(0.05)
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+async def ap4k(*args: str, env: dict[str, str] | None = None) -> Run:
+    """`ap4k ARGS` in a child process (the event loop keeps serving in-process servers)."""
+    # Only the variables a test names: an AP4K_* variable of the caller must not leak in.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AP4K_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ap4k.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**base, **(env or {})},
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return Run(process.returncode, stdout.decode(), stderr.decode())
 
 
 class ChildProcess:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,10 +24,13 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ap4k.core.version import version
+
     parser = argparse.ArgumentParser(
         prog="ap4k",
         description="Asynchronous processing for Kubernetes: messages in, HTTP deliveries out.",
     )
+    parser.add_argument("--version", action="version", version=f"ap4k {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -89,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(line, file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `ap4k queues | head -1`: the reader left; end quietly, as Unix tools do (and keep
+        # Python from complaining again when it flushes stdout at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return result
 
 

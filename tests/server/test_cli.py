@@ -3,48 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
 
 from ap4k.core.embedded_pg import free_port
-from ap4k_testkit import Api, Received, StartServer, count_rows, sink, wait_ready
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-async def ap4k(*args: str, env: dict[str, str] | None = None) -> Run:
-    """`ap4k ARGS` in a child process (the event loop keeps serving in-process servers)."""
-    # Only the variables a test names: an AP4K_* variable of the caller must not leak in.
-    base = {k: v for k, v in os.environ.items() if not k.startswith("AP4K_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ap4k.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**base, **(env or {})},
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return Run(process.returncode, stdout.decode(), stderr.decode())
+from ap4k_testkit import Api, Received, StartServer, ap4k, count_rows, sink, wait_ready
 
 
 async def tables(database_url: str) -> set[str]:
@@ -59,20 +28,21 @@ async def tables(database_url: str) -> set[str]:
 
 
 async def test_migrate_applies_once_and_takes_the_url_from_the_environment(
-    database_url: str,
+    database_url: str, tmp_path: Path
 ) -> None:
     assert await tables(database_url) == set()
 
     first = await ap4k("migrate", "--database-url", database_url)
     assert first.code == 0, first
-    assert first.stdout.startswith("applied 1 migration(s)"), first
+    assert first.stdout.startswith("applied 2 migration(s)"), first
     assert {"ap4k_messages", "ap4k_queues"} <= await tables(database_url)
 
     again = await ap4k("migrate", env={"AP4K_DATABASE_URL": database_url})
     assert again.code == 0, again
     assert again.stdout.strip() == "applied 0 migration(s)", again
 
-    missing = await ap4k("migrate")
+    # No URL and no embedded PostgreSQL in the data dir: nothing to migrate.
+    missing = await ap4k("migrate", "--data-dir", str(tmp_path / "nothing-here"))
     assert missing.code == 2, missing
     assert "--database-url" in missing.stderr, missing
 

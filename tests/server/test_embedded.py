@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
-from ap4k_testkit import Api, sink, wait_ready
+from ap4k_testkit import Api, ap4k, sink, wait_ready
 
 
 async def test_embedded_postgres_lifecycle(tmp_path: Path) -> None:
@@ -48,9 +48,29 @@ async def test_embedded_postgres_lifecycle(tmp_path: Path) -> None:
             await api.wait_state(sent["id"], "completed")
         cluster = EmbeddedPostgres(data_dir / "postgres")
         assert cluster.running()
+
+        # A second server on the same data dir is refused, and the first one's database
+        # stays up: it goes on taking and delivering messages.
+        second = await ap4k(*command[3:7], str(free_port()), *command[8:])
+        assert second.code == 1, second
+        assert "belongs to another ap4k server" in second.stderr, second
+        assert "Traceback" not in second.stderr, second
+        assert cluster.running()
+        # `ap4k migrate` on the data dir uses the running server's cluster.
+        migrated = await ap4k("migrate", "--data-dir", str(data_dir))
+        assert (migrated.code, migrated.stdout.strip()) == (0, "applied 0 migration(s)"), migrated
+        async with sink() as target:
+            after = await api.send("local", {"target": target.url, "body": {"hi": 2}})
+            await api.wait_state(after["id"], "completed")
+
         server.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(server.wait, 60) == 0
         assert not cluster.running()  # stopped with the server
+
+        # With no server, `ap4k migrate` starts the cluster for itself and stops it again.
+        migrated = await ap4k("migrate", "--data-dir", str(data_dir))
+        assert (migrated.code, migrated.stdout.strip()) == (0, "applied 0 migration(s)"), migrated
+        assert not cluster.running()
 
         server = await start()  # same data directory: same messages
         assert (await api.message(sent["id"]))["state"] == "completed"

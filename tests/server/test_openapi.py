@@ -109,7 +109,7 @@ async def test_every_operation_keeps_to_the_document(
         cwd=tmp_path,
     )
     assert code == 0, output
-    assert "13 selected" in output, output  # every other operation was in the run
+    assert "14 selected" in output, output  # every other operation was in the run
 
 
 async def test_lease_keeps_to_the_document_without_waiting(

@@ -79,7 +79,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_carrier(args: argparse.Namespace) -> int:
     from ap4k.core import logs
 
-    logs.configure(args.log_level, args.log_format)
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except logs.LogSettingsError as exc:
+        print(f"ap4k carrier: {exc}", file=sys.stderr)
+        return 1
     if args.workers < 1:
         print("ap4k carrier: --workers must be at least 1", file=sys.stderr)
         return 2

@@ -96,8 +96,9 @@ class Enqueued(wire.Enqueued, _FromJson):
     """The server's answer to an enqueue: committed, with this id and state."""
 
 
-class Message(wire.MessageView, _FromJson):
-    """A message as the server reports it (`GET /v1/messages/{id}`, dead letters)."""
+class Message(wire.MessageDetail, _FromJson):
+    """A message as the server reports it: `GET /v1/messages/{id}` with its `attempts`,
+    oldest first; in pages of messages (browsing, dead letters) `attempts` is left empty."""
 
 
 class Cancelled(wire.Cancelled, _FromJson):

@@ -10,6 +10,7 @@ import asyncio
 import email.utils
 import hashlib
 import hmac
+import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,7 +20,11 @@ from yarl import URL
 
 from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_host
 
+log = logging.getLogger("ap4k.delivery")
+
 USER_AGENT = "ap4k/0.1"
+# How much of a failed answer's body the attempt history keeps.
+EXCERPT_BYTES = 1024
 # Retry-After can ask for anything; we wait at most a day.
 MAX_RETRY_AFTER_SECONDS = 86_400.0
 
@@ -57,6 +62,14 @@ class Outcome:
     error: str | None
     retry_after: float | None
     duration: float
+    response_excerpt: str | None = None  # the start of a failed answer's body
+
+
+def excerpt(body: bytes) -> str | None:
+    """The first EXCERPT_BYTES of a body as text (NUL cannot be stored in a text column)."""
+    if not body:
+        return None
+    return body[:EXCERPT_BYTES].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -140,6 +153,14 @@ class Deliverer:
         return hit
 
     async def deliver(self, d: Delivery) -> Outcome:
+        outcome = await self._deliver(d)
+        if outcome.verdict is not Verdict.DELIVERED:
+            log_attempt(logging.INFO, d, outcome)
+        elif log.isEnabledFor(logging.DEBUG):
+            log_attempt(logging.DEBUG, d, outcome)
+        return outcome
+
+    async def _deliver(self, d: Delivery) -> Outcome:
         started = time.perf_counter()
         headers = {
             "Content-Type": "application/json",
@@ -174,18 +195,25 @@ class Deliverer:
                 timeout=timeout,
                 allow_redirects=False,
             ) as response:
-                # Read (and drop) the answer so that the connection can be reused.
-                await response.read()
+                # Read the answer (so that the connection can be reused); keep its start only
+                # when it failed, for the attempt history.
+                answer = await response.read()
                 status = response.status
                 verdict = classify_status(status)
-                error = None
-                retry_after = None
-                if verdict is not Verdict.DELIVERED:
-                    error = f"HTTP {status} {response.reason or ''}".strip()
-                    if 300 <= status < 400:
-                        error += " (redirects are not followed)"
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                return Outcome(verdict, status, error, retry_after, time.perf_counter() - started)
+                if verdict is Verdict.DELIVERED:
+                    return Outcome(verdict, status, None, None, time.perf_counter() - started)
+                error = f"HTTP {status} {response.reason or ''}".strip()
+                if 300 <= status < 400:
+                    error += " (redirects are not followed)"
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                return Outcome(
+                    verdict,
+                    status,
+                    error,
+                    retry_after,
+                    time.perf_counter() - started,
+                    excerpt(answer),
+                )
         except BlockedAddressError as exc:
             return Outcome(
                 Verdict.FAIL, None, f"refused: {exc}", None, time.perf_counter() - started
@@ -209,3 +237,22 @@ class Deliverer:
     @staticmethod
     def _transient(error: str, started: float) -> Outcome:
         return Outcome(Verdict.RETRY, None, error, None, time.perf_counter() - started)
+
+
+def log_attempt(level: int, d: Delivery, outcome: Outcome) -> None:
+    """One structured line per attempt: failures at info, successes at debug."""
+    host = URL(d.target).host if "://" in d.target else None
+    log.log(
+        level,
+        "delivered" if outcome.verdict is Verdict.DELIVERED else "delivery failed",
+        extra={
+            "message_id": str(d.id),
+            "queue": d.queue,
+            "attempt": d.attempt,
+            "outcome": outcome.verdict.value,
+            "status": outcome.status,
+            "error": outcome.error,
+            "duration_ms": round(outcome.duration * 1000, 2),
+            "target_host": host,
+        },
+    )

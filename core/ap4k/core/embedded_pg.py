@@ -11,6 +11,7 @@ user, as the wheel itself does.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -192,6 +193,106 @@ class EmbeddedPostgres:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class DataDirInUse(RuntimeError):
+    """Another process owns this data directory's PostgreSQL."""
+
+
+class LocalCluster:
+    """The embedded PostgreSQL of `ap4k serve` without a database URL: `data_dir/postgres`,
+    its port recorded beside it (stable across restarts), owned by one process at a time.
+
+    The owner holds an exclusive lock on `data_dir/ap4k.lock` for as long as it runs: a
+    second server on the same directory is refused instead of sharing a cluster that the
+    first would stop under it when it exits. The kernel drops the lock when the owner dies,
+    however it dies, so a stale lock cannot outlive its process.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.cluster: EmbeddedPostgres | None = None
+        self._lock: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.data_dir / "ap4k.lock"
+
+    def acquire(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"the embedded PostgreSQL in {self.data_dir} belongs to another ap4k server "
+                f"(pid {owner}); stop it first, or give this one another --data-dir or a "
+                "--database-url"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the lock
+            self._lock = None
+
+    def owned_by_another(self) -> bool:
+        """Whether a running server holds the lock (its cluster is then up to use)."""
+        try:
+            self.acquire()
+        except DataDirInUse:
+            return True
+        self.release()
+        return False
+
+    def _port(self) -> int:
+        record = self.data_dir / "postgres.port"
+        if record.exists():
+            return int(record.read_text().strip())
+        port = free_port()
+        record.write_text(str(port))
+        return port
+
+    def open(self) -> EmbeddedPostgres:
+        """The cluster, created if need be; not started."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster = EmbeddedPostgres(self.data_dir / "postgres", port=self._port())
+        return self.cluster
+
+    def start(self) -> EmbeddedPostgres:
+        """Lock the directory, then create and start the cluster (unless a previous owner,
+        killed without stopping it, left it running: then it is adopted as it is)."""
+        self.acquire()
+        try:
+            cluster = self.open()
+            cluster.init()
+            if not cluster.running():
+                cluster.start()
+        except BaseException:
+            self.release()
+            raise
+        return cluster
+
+    def socket_url(self) -> str:
+        assert self.cluster is not None, "start() first"
+        return self.cluster.socket_url()
+
+    def stop(self) -> None:
+        try:
+            if self.cluster is not None:
+                self.cluster.stop()
+        finally:
+            self.release()
+
+
+def default_data_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("ap4k"))
 
 
 def _alive(pid: int) -> bool:

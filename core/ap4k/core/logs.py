@@ -1,12 +1,31 @@
-"""Logging set-up shared by every component: plain text for people, JSON for containers."""
+"""Logging set-up shared by every component: plain text for people, JSON for containers.
+
+Structured fields go in `extra={...}`: the JSON format writes each as a key of its own, the
+text format appends them as `key=value` after the message.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from typing import Any
 
 import orjson
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("text", "json")
+
+# What every LogRecord has: anything else on a record came in through `extra`.
+_STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class LogSettingsError(ValueError):
+    """A log level or format nobody knows: one line for the user, no traceback."""
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRIBUTES}
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,22 +36,46 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            **extra_fields(record),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = extra_fields(record)
+        if fields and record.name != "aiohttp.access":  # its line already says it all
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        return line
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    return orjson.dumps(text).decode() if (" " in text or not text or '"' in text) else text
+
+
+def check(level: str, fmt: str) -> None:
+    """Refuse an unknown level or format before anything starts."""
+    if str(level).lower() not in LEVELS:
+        raise LogSettingsError(f"--log-level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if fmt not in FORMATS:
+        raise LogSettingsError(f"--log-format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+
+
+def configure(level: str = "info", fmt: str = "text", access_log: bool = False) -> None:
+    check(level, fmt)
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
 
 
 def run_async(main: object) -> None:

@@ -44,7 +44,8 @@ MAX_CONCURRENCY_LIMIT = 1_000_000
 MAX_ALLOWED_TARGETS = 100
 MAX_LEASE_IDS = 10_000
 MAX_LEASE_ATTEMPT = 1_000_000
-MAX_PAGE = 1000  # dead letters per page
+MAX_PAGE = 1000  # messages per page (browsing, dead letters)
+EXCERPT_LENGTH = 1024  # characters of a failed answer's body kept in the attempt history
 
 # Patterns end in `$(?!\\n)`: msgspec matches with Python's `re`, whose `$` also matches before
 # a final newline ("name\\n" would pass); the lookahead means the same in JSON Schema's dialect.
@@ -190,6 +191,30 @@ class MessageView(Struct):
     scheduled_at: datetime | None = None
     attempted_at: datetime | None = None
     finalized_at: datetime | None = None
+    # The last answer: the success's status, or the last failed attempt's status and the
+    # start of its body.
+    last_status: int | None = None
+    last_response_excerpt: str | None = None
+
+
+class Attempt(Struct):
+    """One delivery attempt. Failures keep who made it and the start of the answer; a
+    success keeps its status and duration."""
+
+    attempt: int
+    at: datetime | None
+    outcome: Literal["retried", "dead", "delivered"]
+    duration_ms: float | None = None
+    status: int | None = None  # the HTTP status, when the target answered
+    error: str | None = None  # "HTTP 503 Service Unavailable", "connection error: …", …
+    response_excerpt: str | None = None  # the first KiB of a failed answer's body
+    carrier: str | None = None  # "dispatcher/<host>/<pid>" or "carrier:<id>"
+
+
+class MessageDetail(MessageView):
+    """`GET /v1/messages/{id}`: the message and its attempts, oldest first."""
+
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
 
 
 class Cancelled(Struct):
@@ -197,11 +222,15 @@ class Cancelled(Struct):
     state: str = "cancelled"
 
 
-class DeadLetters(Struct):
-    """One page of a queue's dead letters; pass `next` as `after` for the following page."""
+class MessagePage(Struct):
+    """One page of a queue's messages (browsing, dead letters); pass `next` as `after` for
+    the following page (null: this is the last)."""
 
     messages: list[MessageView]
     next: str | None = None
+
+
+DeadLetters = MessagePage
 
 
 class IdList(Struct, forbid_unknown_fields=True):
@@ -273,10 +302,20 @@ class QueueDepth(Struct):
         return self.available + self.scheduled + self.running + self.retryable
 
 
+class QueueRates(Struct):
+    """Outcomes per second over the last `window_seconds`, across every server and carrier:
+    deliveries that succeeded, and attempts that failed."""
+
+    window_seconds: float = 60.0
+    delivered_per_second: float = 0.0
+    failed_per_second: float = 0.0
+
+
 class QueueView(Struct):
     name: str
     depth: QueueDepth = msgspec.field(default_factory=QueueDepth)
     oldest_available_age_seconds: float = 0.0
+    rates: QueueRates = msgspec.field(default_factory=QueueRates)
     settings: QueueSettingsView = msgspec.field(default_factory=QueueSettingsView)
 
 
@@ -331,6 +370,9 @@ class Ack(Struct, forbid_unknown_fields=True):
     retry_after: Annotated[float, Meta(ge=0, le=86400)] | None = None
     duration_seconds: Annotated[float, Meta(ge=0)] | None = None
     queue: str | None = None
+    # For the attempt history: the target's HTTP status and the start of its answer.
+    status: Annotated[int, Meta(ge=100, le=599)] | None = None
+    response_excerpt: Annotated[str, Meta(max_length=4 * EXCERPT_LENGTH)] | None = None
 
 
 class AckRequest(Struct, forbid_unknown_fields=True):

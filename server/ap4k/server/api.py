@@ -165,35 +165,82 @@ def _message_id(request: web.Request) -> int:
     return msg_id
 
 
-def message_view(r: asyncpg.Record) -> wire.MessageView:
-    return wire.MessageView(
-        id=str(r["id"]),
-        queue=r["queue"],
-        state=r["state"],
-        target=r["target"],
-        method=r["method"],
-        headers=msgspec.json.decode(r["headers"]) if r["headers"] else {},
+def _message_fields(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": str(r["id"]),
+        "queue": r["queue"],
+        "state": r["state"],
+        "target": r["target"],
+        "method": r["method"],
+        "headers": msgspec.json.decode(r["headers"]) if r["headers"] else {},
         # The stored JSON as it is: no decoding and encoding again.
-        body=msgspec.Raw(r["body"]) if r["body"] is not None else None,
-        priority=r["priority"],
-        dedup_key=r["dedup_key"],
-        ordering_key=r["ordering_key"],
-        attempt=r["attempt"],
-        max_attempts=r["max_attempts"],
-        timeout_seconds=float(r["timeout_seconds"]),
-        last_error=r["last_error"],
-        created_at=r["created_at"],
-        scheduled_at=r["scheduled_at"],
-        attempted_at=r["attempted_at"],
-        finalized_at=r["finalized_at"],
-    )
+        "body": msgspec.Raw(r["body"]) if r["body"] is not None else None,
+        "priority": r["priority"],
+        "dedup_key": r["dedup_key"],
+        "ordering_key": r["ordering_key"],
+        "attempt": r["attempt"],
+        "max_attempts": r["max_attempts"],
+        "timeout_seconds": float(r["timeout_seconds"]),
+        "last_error": r["last_error"],
+        "created_at": r["created_at"],
+        "scheduled_at": r["scheduled_at"],
+        "attempted_at": r["attempted_at"],
+        "finalized_at": r["finalized_at"],
+        "last_status": r["last_status"],
+        "last_response_excerpt": r["last_response_excerpt"],
+    }
 
 
-def queue_view(settings: QueueSettings, depth: QueueDepth | None) -> wire.QueueView:
+def message_view(r: asyncpg.Record) -> wire.MessageView:
+    return wire.MessageView(**_message_fields(r))
+
+
+def message_detail(r: asyncpg.Record, failures: list[asyncpg.Record]) -> wire.MessageDetail:
+    """The message with its attempt history, oldest first: the failures' rows, then the
+    success (whose status and duration are kept on the message itself)."""
+    attempts = [
+        wire.Attempt(
+            attempt=a["attempt"],
+            at=a["at"],
+            outcome=a["outcome"],
+            duration_ms=a["duration_ms"],
+            status=a["status"],
+            error=a["error"],
+            response_excerpt=a["response_excerpt"],
+            carrier=a["made_by"],
+        )
+        for a in failures
+    ]
+    if r["state"] == "completed" and r["delivered_status"] is not None:
+        attempts.append(
+            wire.Attempt(
+                attempt=r["attempt"],
+                at=r["attempted_at"],
+                outcome="delivered",
+                duration_ms=r["delivered_duration_ms"],
+                status=r["delivered_status"],
+            )
+        )
+    return wire.MessageDetail(**_message_fields(r), attempts=attempts)
+
+
+# The window of the queue view's live rates.
+RATE_WINDOW_SECONDS = 60.0
+
+
+def queue_view(
+    settings: QueueSettings, depth: QueueDepth | None, recent: dict[str, int] | None
+) -> wire.QueueView:
+    recent = recent or {}
     return wire.QueueView(
         name=settings.name,
         depth=wire.QueueDepth(**depth.counts) if depth else wire.QueueDepth(),
         oldest_available_age_seconds=depth.oldest_available_age_seconds if depth else 0.0,
+        rates=wire.QueueRates(
+            window_seconds=RATE_WINDOW_SECONDS,
+            delivered_per_second=recent.get("delivered", 0) / RATE_WINDOW_SECONDS,
+            failed_per_second=recent.get("failed", 0) / RATE_WINDOW_SECONDS,
+        ),
         settings=settings.public(),
     )
 
@@ -287,10 +334,12 @@ async def enqueue(request: web.Request) -> web.Response:
 
 
 async def get_message(request: web.Request) -> web.Response:
-    record = await _services(request).store.get_message(_message_id(request))
+    store = _services(request).store
+    msg_id = _message_id(request)
+    record = await store.get_message(msg_id)
     if record is None:
         raise not_found("message")
-    return json_response(message_view(record))
+    return json_response(message_detail(record, await store.get_attempts(msg_id)))
 
 
 async def cancel_message(request: web.Request) -> web.Response:
@@ -315,7 +364,10 @@ async def list_queues(request: web.Request) -> web.Response:
     services = _services(request)
     queues = await services.store.list_queues()
     depths = await services.store.depths()
-    return json_response(wire.QueueList([queue_view(q, depths.get(q.name)) for q in queues]))
+    recent = await services.store.recent_outcomes(RATE_WINDOW_SECONDS)
+    return json_response(
+        wire.QueueList([queue_view(q, depths.get(q.name), recent.get(q.name)) for q in queues])
+    )
 
 
 MAX_THROUGHPUT_WINDOW = 3600.0
@@ -344,7 +396,8 @@ async def get_queue(request: web.Request) -> web.Response:
     if settings is None:
         raise not_found("queue")
     depths = await services.store.depths(name)
-    return json_response(queue_view(settings, depths.get(name)))
+    recent = await services.store.recent_outcomes(RATE_WINDOW_SECONDS)
+    return json_response(queue_view(settings, depths.get(name), recent.get(name)))
 
 
 async def put_queue(request: web.Request) -> web.Response:
@@ -363,7 +416,8 @@ async def put_queue(request: web.Request) -> web.Response:
     if not settings.paused:
         services.wakeups.announce([name])
     depths = await services.store.depths(name)
-    return json_response(queue_view(settings, depths.get(name)))
+    recent = await services.store.recent_outcomes(RATE_WINDOW_SECONDS)
+    return json_response(queue_view(settings, depths.get(name), recent.get(name)))
 
 
 async def _existing_queue(request: web.Request) -> str:
@@ -373,19 +427,63 @@ async def _existing_queue(request: web.Request) -> str:
     return name
 
 
-async def list_dead(request: web.Request) -> web.Response:
-    queue = await _existing_queue(request)
-    limit_raw = request.query.get("limit", "100")
-    after_raw = request.query.get("after", "0")
-    limit = parse_id(limit_raw)
+def _limit(request: web.Request) -> int:
+    limit = parse_id(request.query.get("limit", "100"))
     if limit is None or not 1 <= limit <= wire.MAX_PAGE:
         raise invalid("limit", f"limit must be an integer from 1 to {wire.MAX_PAGE}")
-    after = parse_id(after_raw)
+    return limit
+
+
+def _after(request: web.Request) -> int | None:
+    raw = request.query.get("after")
+    if raw is None or raw == "":
+        return None
+    after = parse_id(raw)
     if after is None:
-        raise invalid("after", "after must be a message id")
-    records = await _services(request).store.list_dead(queue, after, limit)
+        raise invalid("after", "after must be a message id (the 'next' of the previous page)")
+    return after
+
+
+def _page(records: list[asyncpg.Record], limit: int) -> web.Response:
     next_cursor = str(records[-1]["id"]) if len(records) == limit else None
-    return json_response(wire.DeadLetters([message_view(r) for r in records], next_cursor))
+    return json_response(wire.MessagePage([message_view(r) for r in records], next_cursor))
+
+
+async def list_dead(request: web.Request) -> web.Response:
+    queue = await _existing_queue(request)
+    limit = _limit(request)
+    records = await _services(request).store.list_dead(queue, _after(request) or 0, limit)
+    return _page(records, limit)
+
+
+ORDERS = {"newest": True, "oldest": False}
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    """A queue's messages in any state, paged by id, newest or oldest first; `dedup_key`
+    finds the one message with that key."""
+    queue = await _existing_queue(request)
+    state = request.query.get("state") or None
+    if state is not None and state not in wire.STATES:
+        raise invalid("state", f"state must be one of {', '.join(wire.STATES)}")
+    order = request.query.get("order", "newest")
+    if order not in ORDERS:
+        raise invalid("order", "order must be newest or oldest")
+    dedup_key = request.query.get("dedup_key") or None
+    if dedup_key is not None and ("\x00" in dedup_key or len(dedup_key) > wire.MAX_KEY_LENGTH):
+        raise invalid(
+            "dedup_key", f"dedup_key must be a string of at most {wire.MAX_KEY_LENGTH} characters"
+        )
+    limit = _limit(request)
+    records = await _services(request).store.list_messages(
+        queue,
+        state=state,
+        dedup_key=dedup_key,
+        after=_after(request),
+        limit=limit,
+        newest_first=ORDERS[order],
+    )
+    return _page(records, limit)
 
 
 def _ids(raw: bytes | None) -> list[int] | None:
@@ -420,7 +518,8 @@ async def redrive_dead(request: web.Request) -> web.Response:
 
 async def purge_dead(request: web.Request) -> web.Response:
     queue = await _existing_queue(request)
-    return json_response(wire.Purged(await _services(request).store.purge_dead(queue, None)))
+    ids = _ids(await _body(request, optional=True))
+    return json_response(wire.Purged(await _services(request).store.purge_dead(queue, ids)))
 
 
 # -- the carrier protocol -----------------------------------------------------------------------
@@ -494,6 +593,10 @@ async def ack(request: web.Request) -> web.Response:
             error=item.error,
             duration=item.duration_seconds,
             queue=item.queue,
+            status=item.status,
+            response_excerpt=None
+            if item.response_excerpt is None
+            else item.response_excerpt[: wire.EXCERPT_LENGTH].replace("\x00", ""),
         )
         for item, msg_id in zip(body.acks, ids, strict=True)
     ]
@@ -566,6 +669,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/throughput", throughput)
     app.router.add_get("/v1/queues/{queue}", get_queue)
     app.router.add_put("/v1/queues/{queue}", put_queue)
+    app.router.add_get("/v1/queues/{queue}/messages", list_messages)
     app.router.add_get("/v1/queues/{queue}/dead", list_dead)
     app.router.add_post("/v1/queues/{queue}/dead/redrive", redrive_dead)
     app.router.add_delete("/v1/queues/{queue}/dead", purge_dead)

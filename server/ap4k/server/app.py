@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import subprocess
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 from aiohttp import web
+from yarl import URL
 
-from ap4k.core.embedded_pg import EmbeddedPostgres
+from ap4k.core.embedded_pg import DataDirInUse, LocalCluster, default_data_dir
 from ap4k.server import metrics
 from ap4k.server.api import (
     MAX_BODY_BYTES,
@@ -23,6 +27,7 @@ from ap4k.server.api import (
     auth_middleware,
     errors_middleware,
 )
+from ap4k.server.console import add_console_routes
 from ap4k.server.dispatcher import DispatcherPool
 from ap4k.server.inserter import Inserter
 from ap4k.server.leaser import Leaser
@@ -53,6 +58,32 @@ class ServerSettings:
     pool_size: int = 8
     # With `--workers N`, every worker listens on the port (SO_REUSEPORT).
     reuse_port: bool = False
+    access_log: bool = False
+
+
+class StartupError(RuntimeError):
+    """The server cannot start for a reason the user can fix: said in one line."""
+
+
+def _where(dsn: str) -> str:
+    """The database's host, port and name for a message: never its password."""
+    try:
+        url = URL(dsn)
+    except ValueError:
+        return "the given database URL"
+    host = url.query.get("host") or url.host or "localhost"
+    return f"{host}:{url.port or 5432}{url.path}"
+
+
+async def connect_store(dsn: str, pool_size: int) -> Store:
+    """The store, or a StartupError saying why not (bad URL, unreachable, refused)."""
+    try:
+        return await Store.connect(dsn, min_size=min(2, pool_size), max_size=pool_size)
+    except (ValueError, asyncpg.ClientConfigurationError) as exc:
+        raise StartupError(f"bad database URL: {exc}") from None
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise StartupError(f"cannot connect to the database at {_where(dsn)}: {reason}") from None
 
 
 class Server:
@@ -60,16 +91,35 @@ class Server:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.embedded: EmbeddedPostgres | None = None
+        self.embedded: LocalCluster | None = None
+        self.store: Store | None = None
         self._runner: web.AppRunner | None = None
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        """Bring everything up, or (StartupError and any other failure) stop what had
+        started and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def _abort(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._runner is not None:
+                await self._runner.cleanup()
+            if self.store is not None:
+                await self.store.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    async def _start(self) -> None:
         s = self.settings
         dsn = s.database_url
         if not dsn:
             dsn = await asyncio.to_thread(self._start_embedded)
-        self.store = store = await Store.connect(dsn, max_size=s.pool_size)
+        self.store = store = await connect_store(dsn, s.pool_size)
         if s.migrate:
             await store.migrate()
         self.wakeups = wakeups = Wakeups()
@@ -112,13 +162,21 @@ class Server:
         app[SERVICES] = self.services
         app[MAX_BODY_BYTES] = s.max_body_bytes
         add_routes(app)
+        add_console_routes(app)
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+            app,
+            access_log=logging.getLogger("aiohttp.access") if s.access_log else None,
+            handle_signals=False,
+            shutdown_timeout=5.0,
         )
         await self._runner.setup()
-        await web.TCPSite(
-            self._runner, s.host, s.port, backlog=2048, reuse_port=s.reuse_port or None
-        ).start()
+        try:
+            await web.TCPSite(
+                self._runner, s.host, s.port, backlog=2048, reuse_port=s.reuse_port or None
+            ).start()
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(f"cannot listen on {s.host}:{s.port}: {reason}") from None
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(wakeups.run_notifier(store), name="ap4k-notifier"),
@@ -175,42 +233,34 @@ class Server:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.store.close()
+        if self.store is not None:
+            await self.store.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
 
-def start_embedded(data_dir: Path | None) -> EmbeddedPostgres:
-    """The embedded PostgreSQL of `data_dir` (default: the user data dir), running."""
-    from platformdirs import user_data_dir
-
-    data_dir = data_dir or Path(user_data_dir("ap4k"))
-    embedded = EmbeddedPostgres(data_dir / "postgres", port=_stable_port(data_dir))
-    embedded.init()
-    if not embedded.running():
-        embedded.start()
-    log.info("embedded PostgreSQL in %s at %s", embedded.data_dir, embedded.url)
-    return embedded
-
-
-def _stable_port(data_dir: Path) -> int:
-    """The embedded cluster keeps its port across restarts (recorded beside its data)."""
-    from ap4k.core.embedded_pg import free_port
-
-    record = data_dir / "postgres.port"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if record.exists():
-        return int(record.read_text().strip())
-    port = free_port()
-    record.write_text(str(port))
-    return port
+def start_embedded(data_dir: Path | None) -> LocalCluster:
+    """The embedded PostgreSQL of `data_dir` (default: the user data dir), locked for this
+    process and running; a StartupError when another server holds it or it does not start."""
+    local = LocalCluster(data_dir or default_data_dir())
+    try:
+        cluster = local.start()
+    except DataDirInUse as exc:
+        raise StartupError(str(exc)) from None
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise StartupError(
+            f"the embedded PostgreSQL in {local.data_dir} did not start ({exc}); "
+            f"its log: {local.data_dir / 'postgres' / 'postgresql.log'}"
+        ) from None
+    log.info("embedded PostgreSQL in %s at %s", cluster.data_dir, cluster.url)
+    return local
 
 
 def serve_worker(settings: ServerSettings, log_level: str, log_format: str, index: int) -> None:
     """One worker of `ap4k serve --workers N` (in its own process)."""
     from ap4k.core import logs
 
-    logs.configure(log_level, log_format)
+    logs.configure(log_level, log_format, access_log=settings.access_log)
     logs.run_async(serve(settings))
 
 

@@ -7,9 +7,12 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ap4k.core.config import add_flag, add_logging_flags
+
+if TYPE_CHECKING:
+    from ap4k.server.app import ServerSettings
 
 DEFAULT_SERVER = "http://127.0.0.1:7438"
 
@@ -103,6 +106,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cast=bool,
         help="apply schema migrations at start",
     )
+    add_flag(
+        serve,
+        "--access-log",
+        env_name="ACCESS_LOG",
+        default=False,
+        cast=bool,
+        help="log every HTTP request the API answers (at info)",
+    )
     add_logging_flags(serve)
     serve.set_defaults(func=run_serve)
 
@@ -112,7 +123,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--database-url",
         env_name="DATABASE_URL",
         default=None,
-        help="PostgreSQL URL (required)",
+        help="PostgreSQL URL; without one, the embedded PostgreSQL in --data-dir",
+    )
+    add_flag(
+        migrate,
+        "--data-dir",
+        env_name="DATA_DIR",
+        default=None,
+        help="the embedded PostgreSQL's directory, as given to `ap4k serve`",
     )
     migrate.set_defaults(func=run_migrate)
 
@@ -147,11 +165,17 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--api-token", env_name="API_TOKEN", default=None, help="bearer token")
 
 
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from ap4k.core import logs
-    from ap4k.server.app import ServerSettings, serve, serve_worker, start_embedded
+    from ap4k.server.app import ServerSettings, StartupError, serve
 
-    logs.configure(args.log_level, args.log_format)
+    try:
+        logs.configure(args.log_level, args.log_format, access_log=args.access_log)
+    except logs.LogSettingsError as exc:
+        print(f"ap4k serve: {exc}", file=sys.stderr)
+        return 1
     if args.workers < 1:
         print("ap4k serve: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -169,11 +193,22 @@ def run_serve(args: argparse.Namespace) -> int:
         migrate=args.migrate,
         pool_size=args.pool_size,
         reuse_port=args.workers > 1,
+        access_log=args.access_log,
     )
-    if args.workers == 1:
-        logs.run_async(serve(settings))
-        return 0
+    try:
+        if args.workers == 1:
+            logs.run_async(serve(settings))
+            return 0
+        return _serve_workers(args, settings)
+    except StartupError as exc:
+        print(f"ap4k serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve_workers(args: argparse.Namespace, settings: ServerSettings) -> int:
+    """`--workers N`: N server processes on one port, under a supervisor."""
     from ap4k.core.workers import supervise
+    from ap4k.server.app import serve_worker, start_embedded
 
     # One embedded PostgreSQL for all the workers, started and stopped by the supervisor.
     embedded = None if settings.database_url else start_embedded(settings.data_dir)
@@ -195,20 +230,41 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    if not args.database_url:
-        print("ap4k migrate: --database-url (or AP4K_DATABASE_URL) is required", file=sys.stderr)
-        return 2
+    """Apply migrations to --database-url, or to the embedded PostgreSQL of --data-dir: the
+    running server's cluster when one holds it, else the cluster started for the occasion."""
+    from ap4k.core.embedded_pg import DataDirInUse, LocalCluster, default_data_dir
+    from ap4k.server.app import StartupError, connect_store
 
-    async def main() -> list[int]:
-        from ap4k.server.store import Store
-
-        store = await Store.connect(args.database_url, min_size=1, max_size=1)
+    async def apply(dsn: str) -> list[int]:
+        store = await connect_store(dsn, 1)
         try:
             return await store.migrate()
         finally:
             await store.close()
 
-    applied = asyncio.run(main())
+    try:
+        if args.database_url:
+            applied = asyncio.run(apply(args.database_url))
+        else:
+            local = LocalCluster(Path(args.data_dir) if args.data_dir else default_data_dir())
+            if local.owned_by_another():
+                applied = asyncio.run(apply(local.open().socket_url()))
+            elif not (local.data_dir / "postgres" / "PG_VERSION").exists():
+                print(
+                    f"ap4k migrate: no embedded PostgreSQL in {local.data_dir} "
+                    "(give --database-url, or the --data-dir of `ap4k serve`)",
+                    file=sys.stderr,
+                )
+                return 2
+            else:
+                cluster = local.start()
+                try:
+                    applied = asyncio.run(apply(cluster.socket_url()))
+                finally:
+                    local.stop()
+    except (StartupError, DataDirInUse) as exc:
+        print(f"ap4k migrate: {exc}", file=sys.stderr)
+        return 1
     print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
     return 0
 

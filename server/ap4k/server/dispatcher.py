@@ -253,5 +253,7 @@ class DispatcherPool:
                     outcome.error,
                     outcome.duration,
                     delivery.queue,
+                    outcome.status,
+                    outcome.response_excerpt,
                 ),
             )

@@ -119,7 +119,9 @@ class Maintenance:
             deleted = await self.store.prune_finished(self.retention_seconds)
             total += deleted
             if deleted < 10000:
-                return total
+                break
+        await self.store.prune_orphan_attempts(self.retention_seconds)
+        return total
 
     async def refresh_gauges(self) -> None:
         depths = await self.store.depths()

@@ -48,6 +48,17 @@ QUEUE_PARAM = {
     "required": True,
     "schema": {"type": "string", "pattern": wire.QUEUE_NAME_PATTERN},
 }
+PAGE_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": wire.MAX_PAGE},
+}
+PAGE_AFTER = {
+    "name": "after",
+    "in": "query",
+    "description": "the `next` of the previous page",
+    "schema": {"type": "string", "pattern": wire.MESSAGE_ID_PATTERN},
+}
 ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 # Every body the API takes or gives; their components come along.
@@ -57,8 +68,9 @@ WIRE_OBJECTS: tuple[type[msgspec.Struct], ...] = (
     wire.Enqueued,
     wire.BatchEnqueued,
     wire.MessageView,
+    wire.MessageDetail,
     wire.Cancelled,
-    wire.DeadLetters,
+    wire.MessagePage,
     wire.IdList,
     wire.Redriven,
     wire.Purged,
@@ -102,7 +114,7 @@ def _schemas() -> dict[str, Any]:
             "timeout_seconds": 5,
         },
     ]
-    for name in ("Enqueued", "MessageView"):
+    for name in ("Enqueued", "MessageView", "MessageDetail"):
         components[name]["properties"]["state"]["enum"] = list(wire.STATES)
     return dict(components)
 
@@ -119,6 +131,39 @@ def openapi_document() -> dict[str, Any]:
     }
     paths: dict[str, Any] = {
         "/v1/queues/{queue}/messages": {
+            "get": {
+                "operationId": "listMessages",
+                "summary": "Browse a queue's messages in any state, paged by id",
+                "parameters": [
+                    QUEUE_PARAM,
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(wire.STATES)},
+                    },
+                    {
+                        "name": "order",
+                        "in": "query",
+                        "description": "newest (the default) or oldest first",
+                        "schema": {"type": "string", "enum": ["newest", "oldest"]},
+                    },
+                    {
+                        "name": "dedup_key",
+                        "in": "query",
+                        "description": "only the message with this dedup key",
+                        "schema": {
+                            "type": "string",
+                            "maxLength": wire.MAX_KEY_LENGTH,
+                            "pattern": wire.NO_NUL,
+                        },
+                    },
+                    PAGE_LIMIT,
+                    PAGE_AFTER,
+                ],
+                "responses": _responses(
+                    ("200", _ref("MessagePage"), "A page of messages"), "400", "404"
+                ),
+            },
             "post": {
                 "operationId": "enqueue",
                 "summary": "Enqueue one message, or a batch of up to 1,000",
@@ -146,7 +191,10 @@ def openapi_document() -> dict[str, Any]:
             "get": {
                 "operationId": "getMessage",
                 "parameters": [ID_PARAM],
-                "responses": _responses(("200", _ref("MessageView"), "The message"), "404"),
+                "responses": _responses(
+                    ("200", _ref("MessageDetail"), "The message and its attempts, oldest first"),
+                    "404",
+                ),
             },
             "delete": {
                 "operationId": "cancelMessage",
@@ -226,24 +274,12 @@ def openapi_document() -> dict[str, Any]:
         "/v1/queues/{queue}/dead": {
             "get": {
                 "operationId": "listDead",
-                "parameters": [
-                    QUEUE_PARAM,
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": wire.MAX_PAGE},
-                    },
-                    {
-                        "name": "after",
-                        "in": "query",
-                        "schema": {"type": "string", "pattern": wire.MESSAGE_ID_PATTERN},
-                    },
-                ],
+                "parameters": [QUEUE_PARAM, PAGE_LIMIT, PAGE_AFTER],
                 "responses": _responses(
                     (
                         "200",
-                        _ref("DeadLetters"),
-                        "A page of dead letters",
+                        _ref("MessagePage"),
+                        "A page of dead letters, oldest first",
                     ),
                     "400",
                     "404",
@@ -251,7 +287,9 @@ def openapi_document() -> dict[str, Any]:
             },
             "delete": {
                 "operationId": "purgeDead",
+                "summary": "Delete the dead letters for good: all, or those of the ids given",
                 "parameters": [QUEUE_PARAM],
+                "requestBody": ids_body,
                 "responses": _responses(
                     (
                         "200",

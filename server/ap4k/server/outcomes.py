@@ -32,6 +32,8 @@ class OutcomeReport:
     error: str | None
     duration: float | None  # seconds of the HTTP call, when known
     queue: str | None = None
+    status: int | None = None  # the HTTP status, when there was an answer
+    response_excerpt: str | None = None  # the start of a failed answer's body
 
 
 class OutcomeRecorder:
@@ -113,7 +115,11 @@ class OutcomeRecorder:
         rows = []
         if delivered:
             rows += await self._store.complete(
-                leased_by, [r.id for r in delivered], [r.attempt for r in delivered]
+                leased_by,
+                [r.id for r in delivered],
+                [r.attempt for r in delivered],
+                [r.status for r in delivered],
+                [None if r.duration is None else r.duration * 1000 for r in delivered],
             )
         if others:
             rows += await self._store.record_outcomes(
@@ -123,6 +129,9 @@ class OutcomeRecorder:
                 [r.verdict for r in others],
                 [r.retry_after for r in others],
                 [(r.error or "failed")[:2000] for r in others],
+                [r.status for r in others],
+                [r.duration for r in others],
+                [r.response_excerpt for r in others],
             )
         accepted = set()
         now = time.time()

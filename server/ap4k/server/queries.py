@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ap4k.core import wire
+
 # Group-committed enqueue: many messages, one statement, one commit. Ids come from the
 # sequence in input order (so FIFO by id is enqueue order); a dedup_key that already exists
 # in the queue yields the existing message instead of a new one. A row with a leased_by is
@@ -64,10 +66,11 @@ LEASE = "SELECT * FROM ap4k_lease($1, $2, $3, $4, $5, $6)"
 # leased again) or that belongs to someone else matches nothing and changes nothing.
 RECORD_OUTCOMES = """
 WITH o AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[])
-             AS o(id, attempt, verdict, retry_after, error)
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[],
+                         $7::int[], $8::float8[], $9::text[])
+             AS o(id, attempt, verdict, retry_after, error, status, duration, excerpt)
 ), decided AS (
-    SELECT m.id, m.attempt, o.error,
+    SELECT m.id, m.attempt, o.error, o.status, o.duration, o.excerpt,
            CASE WHEN o.verdict = 'delivered' THEN 'completed'
                 WHEN o.verdict = 'retry'
                  AND m.attempt < coalesce(m.max_attempts, q.max_attempts) THEN 'retryable'
@@ -83,32 +86,47 @@ WITH o AS (
        AND m.state = 'running'
        AND m.leased_by = $6
        AND m.lease_expires_at > now()
+), updated AS (
+    UPDATE ap4k_messages m
+       SET state = decided.state::ap4k_state,
+           scheduled_at = CASE WHEN decided.state = 'retryable'
+                               THEN now() + make_interval(secs => decided.delay)
+                               ELSE m.scheduled_at END,
+           finalized_at = CASE WHEN decided.state = 'retryable' THEN NULL ELSE now() END,
+           leased_by = NULL,
+           lease_expires_at = NULL,
+           last_error = decided.error
+      FROM decided
+     WHERE m.id = decided.id
+       AND m.attempt = decided.attempt
+       AND m.state = 'running'
+       AND m.leased_by = $6
+    RETURNING m.id, m.queue, m.state::text AS state, m.ordering_key, m.attempt,
+              m.attempted_at, m.created_at, decided.error, decided.status,
+              decided.duration, decided.excerpt
+), history AS (
+    INSERT INTO ap4k_attempts (message_id, queue, attempt, at, duration_ms, outcome, status,
+                               error, response_excerpt, made_by)
+    SELECT id, queue, attempt, attempted_at, duration * 1000,
+           CASE state WHEN 'retryable' THEN 'retried'
+                      WHEN 'completed' THEN 'delivered'
+                      ELSE 'dead' END,
+           status, error, excerpt, $6
+      FROM updated
 )
-UPDATE ap4k_messages m
-   SET state = decided.state::ap4k_state,
-       scheduled_at = CASE WHEN decided.state = 'retryable'
-                           THEN now() + make_interval(secs => decided.delay)
-                           ELSE m.scheduled_at END,
-       finalized_at = CASE WHEN decided.state = 'retryable' THEN NULL ELSE now() END,
-       leased_by = NULL,
-       lease_expires_at = NULL,
-       last_error = decided.error
-  FROM decided
- WHERE m.id = decided.id
-   AND m.attempt = decided.attempt
-   AND m.state = 'running'
-   AND m.leased_by = $6
-RETURNING m.id, m.queue, m.state::text AS state, m.ordering_key,
-          extract(epoch FROM m.created_at)::float8 AS created_at
+SELECT id, queue, state, ordering_key, extract(epoch FROM created_at)::float8 AS created_at
+  FROM updated
 """
 
 # The common case on its own: a batch of successful deliveries (fewer columns to send and
-# no policy to look up).
+# no policy to look up). The success's status and duration are kept on the message itself:
+# no history row.
 COMPLETE = """
 UPDATE ap4k_messages m
    SET state = 'completed', finalized_at = now(), leased_by = NULL, lease_expires_at = NULL,
-       last_error = NULL
-  FROM unnest($1::bigint[], $2::int[]) AS o(id, attempt)
+       last_error = NULL, delivered_status = o.status, delivered_duration_ms = o.duration_ms
+  FROM unnest($1::bigint[], $2::int[], $4::smallint[], $5::real[])
+       AS o(id, attempt, status, duration_ms)
  WHERE m.id = o.id
    AND m.attempt = o.attempt
    AND m.state = 'running'
@@ -151,23 +169,31 @@ RETURNING m.id, m.lease_expires_at
 # The attempt counts; the message is retried at once, or dead-lettered when attempts are spent.
 RESCUE_EXPIRED = """
 WITH expired AS (
-    SELECT id FROM ap4k_messages
+    SELECT id, leased_by FROM ap4k_messages
      WHERE state = 'running' AND lease_expires_at < now()
      LIMIT 1000
        FOR UPDATE SKIP LOCKED
+), rescued AS (
+    UPDATE ap4k_messages m
+       SET state = (CASE WHEN m.attempt >= coalesce(m.max_attempts, q.max_attempts)
+                         THEN 'discarded' ELSE 'retryable' END)::ap4k_state,
+           finalized_at = CASE WHEN m.attempt >= coalesce(m.max_attempts, q.max_attempts)
+                               THEN now() END,
+           scheduled_at = now(),
+           leased_by = NULL,
+           lease_expires_at = NULL,
+           last_error = 'lease expired: the dispatcher or carrier holding it stopped answering'
+      FROM expired, ap4k_queues q
+     WHERE m.id = expired.id AND q.name = m.queue
+    RETURNING m.id, m.queue, m.state::text AS state, m.attempt, m.attempted_at, m.last_error,
+              expired.leased_by
+), history AS (
+    INSERT INTO ap4k_attempts (message_id, queue, attempt, at, outcome, error, made_by)
+    SELECT id, queue, attempt, attempted_at,
+           CASE state WHEN 'retryable' THEN 'retried' ELSE 'dead' END, last_error, leased_by
+      FROM rescued
 )
-UPDATE ap4k_messages m
-   SET state = (CASE WHEN m.attempt >= coalesce(m.max_attempts, q.max_attempts)
-                     THEN 'discarded' ELSE 'retryable' END)::ap4k_state,
-       finalized_at = CASE WHEN m.attempt >= coalesce(m.max_attempts, q.max_attempts)
-                           THEN now() END,
-       scheduled_at = now(),
-       leased_by = NULL,
-       lease_expires_at = NULL,
-       last_error = 'lease expired: the dispatcher or carrier holding it stopped answering'
-  FROM expired, ap4k_queues q
- WHERE m.id = expired.id AND q.name = m.queue
-RETURNING m.queue, m.state::text AS state
+SELECT queue, state FROM rescued
 """
 
 # The scheduler: due scheduled and retryable messages become available, at the back of
@@ -201,6 +227,13 @@ DELETE FROM ap4k_messages
                LIMIT 10000)
 """
 
+# The history of messages the pruner deleted, once it is past the retention period too.
+PRUNE_ORPHAN_ATTEMPTS = """
+DELETE FROM ap4k_attempts a
+ WHERE a.at < now() - make_interval(secs => $1)
+   AND NOT EXISTS (SELECT 1 FROM ap4k_messages m WHERE m.id = a.message_id)
+"""
+
 QUEUE_DEPTHS = """
 SELECT queue, state::text AS state, count(*) AS n,
        extract(epoch FROM now() - min(scheduled_at))::float8 AS oldest
@@ -229,14 +262,54 @@ SELECT queue, state::text AS state, count(*) AS n,
  GROUP BY queue, state
 """
 
+# The last answer is the successful one, or else the last failed attempt's (one probe of the
+# attempts' primary key per message, and only where a message failed at all).
 MESSAGE_COLUMNS = """
 id, queue, state::text AS state, target, method, headers, body, priority, dedup_key,
 ordering_key, attempt, coalesce(max_attempts, (SELECT q.max_attempts FROM ap4k_queues q
 WHERE q.name = queue)) AS max_attempts, timeout_seconds, last_error, created_at,
-scheduled_at, attempted_at, finalized_at
+scheduled_at, attempted_at, finalized_at,
+CASE WHEN state = 'completed' THEN delivered_status
+     WHEN last_error IS NOT NULL THEN (SELECT a.status FROM ap4k_attempts a
+          WHERE a.message_id = ap4k_messages.id ORDER BY a.seq DESC LIMIT 1) END AS last_status,
+CASE WHEN last_error IS NOT NULL THEN (SELECT a.response_excerpt FROM ap4k_attempts a
+          WHERE a.message_id = ap4k_messages.id ORDER BY a.seq DESC LIMIT 1) END
+     AS last_response_excerpt
 """
 
-GET_MESSAGE = f"SELECT {MESSAGE_COLUMNS} FROM ap4k_messages WHERE id = $1"
+GET_MESSAGE = f"""
+SELECT {MESSAGE_COLUMNS}, delivered_status, delivered_duration_ms
+  FROM ap4k_messages WHERE id = $1
+"""
+
+# A message's failed attempts, oldest first (its success, if any, is on the message row).
+GET_ATTEMPTS = """
+SELECT attempt, at, duration_ms, outcome, status, error, response_excerpt, made_by
+  FROM ap4k_attempts
+ WHERE message_id = $1
+ ORDER BY seq
+"""
+
+# Browsing a queue, paged by id. The state is written into the statement (from the fixed
+# list of states, never from the request) so that the planner can use the partial index
+# of that state; the dedup key goes through the unique (queue, dedup_key) index.
+LIST_MESSAGES_TEMPLATE = """
+SELECT {columns} FROM ap4k_messages
+ WHERE queue = $1 {state_filter}
+   AND ($2::text IS NULL OR dedup_key = $2)
+   AND id {after} $3
+ ORDER BY id {direction}
+ LIMIT $4
+"""
+
+# Failed attempts per queue over the last $1 seconds (with COMPLETED_WITHIN: the queue
+# view's live rates).
+FAILED_WITHIN = """
+SELECT queue, count(*) AS n
+  FROM ap4k_attempts
+ WHERE at > now() - make_interval(secs => $1)
+ GROUP BY queue
+"""
 
 CANCEL_MESSAGE = """
 UPDATE ap4k_messages
@@ -262,8 +335,14 @@ RETURNING id
 """
 
 PURGE_DEAD = """
-DELETE FROM ap4k_messages
- WHERE queue = $1 AND state = 'discarded' AND ($2::bigint[] IS NULL OR id = ANY($2))
+WITH purged AS (
+    DELETE FROM ap4k_messages
+     WHERE queue = $1 AND state = 'discarded' AND ($2::bigint[] IS NULL OR id = ANY($2))
+    RETURNING id
+), history AS (
+    DELETE FROM ap4k_attempts WHERE message_id IN (SELECT id FROM purged)
+)
+SELECT count(*) FROM purged
 """
 
 ENSURE_QUEUES = """
@@ -287,3 +366,15 @@ RETURNING {columns}
 
 NOTIFY = "SELECT pg_notify($1, $2)"
 WAKEUP_CHANNEL = "ap4k_wakeup"
+
+# LIST_MESSAGES[(state or None, newest_first)]: one statement per state and direction.
+LIST_MESSAGES = {
+    (state, newest_first): LIST_MESSAGES_TEMPLATE.format(
+        columns=MESSAGE_COLUMNS,
+        state_filter="" if state is None else f"AND state = '{state}'",
+        after="<" if newest_first else ">",
+        direction="DESC" if newest_first else "ASC",
+    )
+    for state in (None, *wire.STATES)
+    for newest_first in (True, False)
+}

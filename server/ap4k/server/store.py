@@ -17,6 +17,7 @@ from ap4k.server import queries
 from ap4k.server.migrate import migrate
 
 STATES = ("available", "scheduled", "running", "retryable", "discarded")
+MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,19 +208,37 @@ class Store:
         verdicts: Sequence[str],
         retry_afters: Sequence[float | None],
         errors: Sequence[str | None],
+        statuses: Sequence[int | None],
+        durations: Sequence[float | None],
+        excerpts: Sequence[str | None],
     ) -> list[asyncpg.Record]:
+        """Record failed (or other) outcomes, each with its row in the attempt history."""
         async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
-                queries.RECORD_OUTCOMES, ids, attempts, verdicts, retry_afters, errors, leased_by
+                queries.RECORD_OUTCOMES,
+                ids,
+                attempts,
+                verdicts,
+                retry_afters,
+                errors,
+                leased_by,
+                statuses,
+                durations,
+                excerpts,
             )
             return rows
 
     async def complete(
-        self, leased_by: str, ids: Sequence[int], attempts: Sequence[int]
+        self,
+        leased_by: str,
+        ids: Sequence[int],
+        attempts: Sequence[int],
+        statuses: Sequence[int | None],
+        durations_ms: Sequence[float | None],
     ) -> list[asyncpg.Record]:
         async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
-                queries.COMPLETE, ids, attempts, leased_by
+                queries.COMPLETE, ids, attempts, leased_by, statuses, durations_ms
             )
             return rows
 
@@ -260,6 +279,23 @@ class Store:
             status: str = await conn.execute(queries.PRUNE_FINISHED, older_than_seconds)
         return int(status.split()[-1])
 
+    async def prune_orphan_attempts(self, older_than_seconds: float) -> int:
+        async with self.dispatch_pool.acquire() as conn:
+            status: str = await conn.execute(queries.PRUNE_ORPHAN_ATTEMPTS, older_than_seconds)
+        return int(status.split()[-1])
+
+    async def recent_outcomes(self, window_seconds: float) -> dict[str, dict[str, int]]:
+        """{queue: {"delivered": n, "failed": n}} over the last `window_seconds`: messages
+        delivered, and attempts that failed."""
+        delivered = await self.completed_within(window_seconds)
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch(queries.FAILED_WITHIN, window_seconds)
+        failed = {r["queue"]: r["n"] for r in records}
+        return {
+            queue: {"delivered": delivered.get(queue, 0), "failed": failed.get(queue, 0)}
+            for queue in delivered.keys() | failed.keys()
+        }
+
     async def depths(self, queue: str | None = None) -> dict[str, QueueDepth]:
         async with self.pool.acquire() as conn:
             if queue is None:
@@ -290,6 +326,30 @@ class Store:
         async with self.pool.acquire() as conn:
             return await conn.fetchrow(queries.GET_MESSAGE, msg_id)
 
+    async def get_attempts(self, msg_id: int) -> list[asyncpg.Record]:
+        """The message's failed attempts, oldest first."""
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.GET_ATTEMPTS, msg_id)
+            return rows
+
+    async def list_messages(
+        self,
+        queue: str,
+        *,
+        state: str | None,
+        dedup_key: str | None,
+        after: int | None,
+        limit: int,
+        newest_first: bool,
+    ) -> list[asyncpg.Record]:
+        """A page of the queue's messages by id, after the cursor `after` (a message id)."""
+        sql = queries.LIST_MESSAGES[(state, newest_first)]
+        if after is None:
+            after = MAX_ID if newest_first else 0
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, queue, dedup_key, after, limit)
+            return rows
+
     async def cancel_message(self, msg_id: int) -> asyncpg.Record | None:
         async with self.pool.acquire() as conn:
             return await conn.fetchrow(queries.CANCEL_MESSAGE, msg_id)
@@ -305,8 +365,8 @@ class Store:
 
     async def purge_dead(self, queue: str, ids: Sequence[int] | None) -> int:
         async with self.pool.acquire() as conn:
-            status: str = await conn.execute(queries.PURGE_DEAD, queue, ids)
-        return int(status.split()[-1])
+            purged: int = await conn.fetchval(queries.PURGE_DEAD, queue, ids)
+        return purged
 
     # -- queues ---------------------------------------------------------------------------
 
