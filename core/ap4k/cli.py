@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "ap4k.carrier.cli",
     "ap4k.operator.cli",
     "ap4k.client.cli",
+    "ap4k.client.commands",
     "ap4k.bench.cli",
 )
 

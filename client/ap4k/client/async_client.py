@@ -245,6 +245,19 @@ class AsyncClient:
             self._owns_session = True
         return self._session
 
+    async def call(
+        self,
+        method: str,
+        path: str,
+        payload: JSON = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """One call of the API (with the client's failover and retries): the decoded answer,
+        or the typed error. The shell commands use it to print the server's own JSON."""
+        return await self._request(method, path, payload, params=params)
+
     async def _request(
         self,
         method: str,

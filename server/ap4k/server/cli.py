@@ -1,21 +1,18 @@
-"""`ap4k serve`, `ap4k migrate` and the operator's shell commands (send, queues, dead, redrive)."""
+"""`ap4k serve` and `ap4k migrate` (the commands that operate a running server are in
+`ap4k.client.commands`: they need only the client)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ap4k.core.config import add_flag, add_logging_flags
 
 if TYPE_CHECKING:
     from ap4k.server.app import ServerSettings
-
-DEFAULT_SERVER = "http://127.0.0.1:7438"
-
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = subparsers.add_parser("serve", help="run the server (embedded PostgreSQL by default)")
@@ -134,38 +131,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     migrate.set_defaults(func=run_migrate)
 
-    send = subparsers.add_parser("send", help="enqueue one message")
-    send.add_argument("queue")
-    send.add_argument("target")
-    send.add_argument("--json", dest="body", default=None, help="JSON body")
-    send.add_argument("--delay", type=float, default=None, help="delay in seconds")
-    send.add_argument("--dedup-key", default=None)
-    send.add_argument("--method", default=None)
-    _server_flags(send)
-    send.set_defaults(func=run_send)
-
-    queues = subparsers.add_parser("queues", help="list queues with depth and settings")
-    _server_flags(queues)
-    queues.set_defaults(func=run_queues)
-
-    dead = subparsers.add_parser("dead", help="list a queue's dead letters")
-    dead.add_argument("queue")
-    dead.add_argument("--limit", type=int, default=100)
-    _server_flags(dead)
-    dead.set_defaults(func=run_dead)
-
-    redrive = subparsers.add_parser("redrive", help="send a queue's dead letters again")
-    redrive.add_argument("queue")
-    _server_flags(redrive)
-    redrive.set_defaults(func=run_redrive)
-
-
-def _server_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "--server", env_name="SERVER_URL", default=DEFAULT_SERVER, help="server URL")
-    add_flag(parser, "--api-token", env_name="API_TOKEN", default=None, help="bearer token")
-
-
-
 
 def run_serve(args: argparse.Namespace) -> int:
     from ap4k.core import logs
@@ -267,58 +232,3 @@ def run_migrate(args: argparse.Namespace) -> int:
         return 1
     print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
     return 0
-
-
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
-    import aiohttp
-
-    async def main() -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {args.api_token}"} if args.api_token else {}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.request(
-                method,
-                args.server.rstrip("/") + path,
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as response,
-        ):
-            return response.status, await response.json(content_type=None)
-
-    try:
-        status, data = asyncio.run(main())
-    except OSError as exc:
-        print(f"ap4k: cannot reach {args.server}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(data, indent=2))
-    return 0 if status < 400 else 1
-
-
-def run_send(args: argparse.Namespace) -> int:
-    message: dict[str, Any] = {"target": args.target}
-    if args.body is not None:
-        try:
-            message["body"] = json.loads(args.body)
-        except json.JSONDecodeError as exc:
-            print(f"ap4k send: --json is not valid JSON: {exc}", file=sys.stderr)
-            return 2
-    if args.delay is not None:
-        message["delay_seconds"] = args.delay
-    if args.dedup_key:
-        message["dedup_key"] = args.dedup_key
-    if args.method:
-        message["method"] = args.method
-    return _call(args, "POST", f"/v1/queues/{args.queue}/messages", message)
-
-
-def run_queues(args: argparse.Namespace) -> int:
-    return _call(args, "GET", "/v1/queues")
-
-
-def run_dead(args: argparse.Namespace) -> int:
-    return _call(args, "GET", f"/v1/queues/{args.queue}/dead?limit={args.limit}")
-
-
-def run_redrive(args: argparse.Namespace) -> int:
-    return _call(args, "POST", f"/v1/queues/{args.queue}/dead/redrive")
