@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from ap4k_testkit import Api, Received, StartServer, count_rows, sink
+from ap4k_testkit import Api, CarrierProcess, Received, StartServer, count_rows, sink
 
 
 async def test_failed_attempts_are_recorded_with_status_excerpt_and_duration(
@@ -242,3 +242,22 @@ async def test_queue_view_reports_recent_rates(start_server: StartServer) -> Non
     }
     (listed,) = [q for q in (await api.ok("GET", "/v1/queues"))["queues"] if q["name"] == "rated"]
     assert listed["rates"] == rates
+
+
+async def test_a_carriers_failed_attempts_carry_status_and_excerpt(
+    start_server: StartServer,
+) -> None:
+    server, api = await start_server(dispatchers=0)  # only the carrier delivers
+    await api.settings("by-carrier", max_attempts=2, min_backoff_seconds=0.01)
+    carrier = await CarrierProcess(f"http://127.0.0.1:{server.settings.port}").start()
+    try:
+        async with sink(lambda r, n: web.Response(status=502, text="bad gateway, sorry")) as t:
+            sent = await api.send("by-carrier", {"target": t.url})
+            message = await api.wait_state(sent["id"], "discarded")
+    finally:
+        carrier.kill()
+    assert [(a["outcome"], a["status"], a["response_excerpt"]) for a in message["attempts"]] == [
+        ("retried", 502, "bad gateway, sorry"),
+        ("dead", 502, "bad gateway, sorry"),
+    ]
+    assert all(a["carrier"].startswith("carrier:") for a in message["attempts"])

@@ -283,6 +283,9 @@ class Carrier:
                 else outcome.error.replace("\x00", "")[:2000],
                 "retry_after": outcome.retry_after,
                 "duration_seconds": outcome.duration,
+                # For the attempt history (the server keeps them only for failures).
+                "status": outcome.status,
+                "response_excerpt": outcome.response_excerpt,
             }
         )
         self._acks_pending.set()
