@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -256,8 +257,10 @@ class ServerProcess(ChildProcess):
         *args: str,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.database_url = database_url
+        self.nofile = nofile  # RLIMIT_NOFILE of the child, when a test needs it lowered
         self.args = args
         self.port = port or free_port()
         self.env = env or {}
@@ -288,9 +291,14 @@ class ServerProcess(ChildProcess):
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
+            preexec_fn=None if self.nofile is None else self._lower_nofile,
         )
         await wait_ready(self.url + "/readyz", timeout, self.process)
         return self
+
+    def _lower_nofile(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
 
 async def wait_ready(

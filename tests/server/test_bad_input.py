@@ -143,6 +143,10 @@ CASES = [
     enqueue("headers-bad-name", msg(headers={"X A": "1"}), "headers"),
     enqueue("headers-name-newline", msg(headers={"X-A\n": "1"}), "headers"),
     enqueue("headers-too-many", msg(headers={f"X-{i}": "v" for i in range(65)}), "headers"),
+    # Name and value over the 8,190 bytes an aiohttp target (or ap4k itself) would refuse.
+    enqueue("headers-value-1-mb", msg(headers={"X-Big": "v" * 1_000_000}), "headers"),
+    enqueue("headers-field-8191-bytes", msg(headers={"X-A": "v" * 8188}), "headers"),
+    enqueue("headers-field-multibyte", msg(headers={"X-A": "\u00e9" * 4094}), "headers"),
     # -- delay_seconds / not_before
     enqueue("delay-string", msg(delay_seconds="5"), "delay_seconds"),
     enqueue("delay-negative", msg(delay_seconds=-1), "delay_seconds"),

@@ -7,6 +7,7 @@ import random
 
 from aiohttp import web
 
+from ap4k.core.limits import MAX_HEADER_FIELD_BYTES
 from ap4k_testkit import Api, Received, count_rows, sink
 
 
@@ -152,3 +153,14 @@ async def test_timeouts_are_retried(api: Api) -> None:
         sent = await api.send("slow", {"target": target.url, "timeout_seconds": 0.2})
         done = await api.wait_state(sent["id"], "completed", timeout=10)
         assert done["attempt"] == 2
+
+
+async def test_a_header_of_the_largest_size_allowed_is_delivered(api: Api) -> None:
+    """The header limit is the one targets apply: the largest field it lets through is
+    stored, delivered and accepted by an aiohttp target."""
+    name = "X-Large"
+    value = "v" * (MAX_HEADER_FIELD_BYTES - len(name))
+    async with sink() as target:
+        sent = await api.send("large-header", {"target": target.url, "headers": {name: value}})
+        await api.wait_state(sent["id"], "completed")
+        assert target.received[-1].headers[name] == value

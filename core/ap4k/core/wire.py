@@ -23,6 +23,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from ap4k.core import names
+from ap4k.core.limits import MAX_HEADER_FIELD_BYTES
 
 # -- bounds -----------------------------------------------------------------------------------
 
@@ -76,7 +77,10 @@ Target = Annotated[
 ]
 Method = Annotated[str, Meta(extra_json_schema={"enum": list(METHODS)})]
 HeaderName = Annotated[str, Meta(pattern=HEADER_NAME_PATTERN)]
-HeaderValue = Annotated[str, Meta(pattern=HEADER_VALUE_PATTERN)]
+# At most MAX_HEADER_FIELD_BYTES for name and UTF-8 value together (checked in the server).
+HeaderValue = Annotated[
+    str, Meta(pattern=HEADER_VALUE_PATTERN, max_length=MAX_HEADER_FIELD_BYTES)
+]
 Headers = Annotated[dict[HeaderName, HeaderValue], Meta(max_length=MAX_HEADERS)]
 Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LENGTH, pattern=NO_NUL)]
 Priority = Annotated[int, Meta(ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)]

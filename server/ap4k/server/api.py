@@ -75,6 +75,7 @@ class Services:
 
 SERVICES = web.AppKey("services", Services)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+BODY_TIMEOUT_SECONDS = web.AppKey("body_timeout_seconds", float)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -92,7 +93,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(exc.body(), exc.status)
+        response = json_response(exc.body(), exc.status)
+        if exc.status == 408:
+            response.force_close()  # what is left of the body is not worth waiting for
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[MAX_BODY_BYTES]
         error = ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
@@ -144,7 +148,14 @@ def _services(request: web.Request) -> Services:
 
 
 async def _body(request: web.Request, *, optional: bool = False) -> bytes | None:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[BODY_TIMEOUT_SECONDS]):
+            raw = await request.read()
+    except TimeoutError:
+        seconds = request.app[BODY_TIMEOUT_SECONDS]
+        raise ApiError(
+            408, "request_timeout", f"the request body did not arrive within {seconds:g} s"
+        ) from None
     if not raw.strip():
         if optional:
             return None

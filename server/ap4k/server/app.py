@@ -20,6 +20,7 @@ from yarl import URL
 from ap4k.core.embedded_pg import DataDirInUse, LocalCluster, default_data_dir
 from ap4k.server import metrics
 from ap4k.server.api import (
+    BODY_TIMEOUT_SECONDS,
     MAX_BODY_BYTES,
     SERVICES,
     Services,
@@ -27,6 +28,7 @@ from ap4k.server.api import (
     auth_middleware,
     errors_middleware,
 )
+from ap4k.server.connections import ConnectionLimit, default_connection_limit, protocol_factory
 from ap4k.server.console import add_console_routes
 from ap4k.server.dispatcher import DispatcherPool
 from ap4k.server.inserter import Inserter
@@ -59,6 +61,13 @@ class ServerSettings:
     # With `--workers N`, every worker listens on the port (SO_REUSEPORT).
     reuse_port: bool = False
     access_log: bool = False
+    # A connection must send a whole request head this long after opening or after its
+    # previous response (also the idle keep-alive limit). Longer than aiohttp clients'
+    # 15 s keep-alive, so that a client never reuses a connection the server is closing.
+    header_timeout_seconds: float = 20.0
+    body_timeout_seconds: float = 60.0  # to read a request body, once its head is in
+    # API connections held at once; None: as many as the descriptor limit leaves room for.
+    max_connections: int | None = None
 
 
 class StartupError(RuntimeError):
@@ -94,6 +103,7 @@ class Server:
         self.embedded: LocalCluster | None = None
         self.store: Store | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -161,6 +171,7 @@ class Server:
         )
         app[SERVICES] = self.services
         app[MAX_BODY_BYTES] = s.max_body_bytes
+        app[BODY_TIMEOUT_SECONDS] = s.body_timeout_seconds
         add_routes(app)
         add_console_routes(app)
         self._runner = web.AppRunner(
@@ -170,10 +181,28 @@ class Server:
             shutdown_timeout=5.0,
         )
         await self._runner.setup()
+        assert self._runner.server is not None
+        limit = s.max_connections or default_connection_limit(
+            2 * s.pool_size + s.dispatchers
+        )
+        self.connections = ConnectionLimit(limit)
+        # Our own listener rather than web.TCPSite: each connection gets the API's protocol
+        # (JSON errors from the parser, the head deadline, the connection limit).
+        protocol = protocol_factory(
+            self._runner.server,
+            self.connections,
+            s.header_timeout_seconds,
+            logging.getLogger("aiohttp.access") if s.access_log else None,
+        )
         try:
-            await web.TCPSite(
-                self._runner, s.host, s.port, backlog=2048, reuse_port=s.reuse_port or None
-            ).start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                protocol,
+                s.host,
+                s.port,
+                backlog=2048,
+                reuse_address=True,
+                reuse_port=s.reuse_port or None,
+            )
         except OSError as exc:
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {reason}") from None
@@ -227,6 +256,8 @@ class Server:
     async def stop(self) -> None:
         self.services.ready = False
         await self.dispatchers.stop()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.maintenance.stop()

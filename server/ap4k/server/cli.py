@@ -97,6 +97,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_flag(
         serve,
+        "--header-timeout",
+        env_name="HEADER_TIMEOUT",
+        default=20.0,
+        cast=float,
+        help="seconds a connection has to send a request head (also the idle keep-alive)",
+    )
+    add_flag(
+        serve,
+        "--body-timeout",
+        env_name="BODY_TIMEOUT",
+        default=60.0,
+        cast=float,
+        help="seconds a request body has to arrive (408 past it)",
+    )
+    add_flag(
+        serve,
+        "--max-connections",
+        env_name="MAX_CONNECTIONS",
+        default=0,
+        cast=int,
+        help="API connections held at once (0: what the descriptor limit leaves room for)",
+    )
+    add_flag(
+        serve,
         "--migrate",
         env_name="MIGRATE",
         default=True,
@@ -159,6 +183,9 @@ def run_serve(args: argparse.Namespace) -> int:
         pool_size=args.pool_size,
         reuse_port=args.workers > 1,
         access_log=args.access_log,
+        header_timeout_seconds=args.header_timeout,
+        body_timeout_seconds=args.body_timeout,
+        max_connections=args.max_connections or None,
     )
     try:
         if args.workers == 1:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ap4k.core import names, wire
+from ap4k.core.limits import MAX_HEADER_FIELD_BYTES
 from ap4k.server.errors import ApiError, invalid
 
 QUEUE_NAME = names.QUEUE_NAME
@@ -120,11 +121,17 @@ def _check_message(m: wire.MessageIn, prefix: str) -> None:
         raise invalid(prefix + "method", f"method must be one of {list(wire.METHODS)}")
     m.method = method
     if m.headers:
-        for name in m.headers:
+        for name, value in m.headers.items():
             lowered = name.lower()
             if lowered in RESERVED_HEADERS or lowered.startswith("ap4k-"):
                 raise invalid(
                     prefix + "headers", f"header {name!r} is set by ap4k and cannot be overridden"
+                )
+            if len(name) + len(value.encode()) > MAX_HEADER_FIELD_BYTES:
+                raise invalid(
+                    prefix + "headers",
+                    f"header {name!r} is longer than {MAX_HEADER_FIELD_BYTES} bytes (name and "
+                    "UTF-8 value): its delivery would be refused",
                 )
     if m.not_before is not None:
         if m.not_before.year > 9000:
