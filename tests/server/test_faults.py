@@ -4,10 +4,13 @@ mid-run, SIGTERM to drain — and count every message at the target."""
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from ap4k.core.embedded_pg import EmbeddedPostgres
@@ -172,5 +175,101 @@ async def test_a_delivery_cut_off_by_the_drain_counts_as_an_attempt(database_url
             assert done["attempt"] == 2
             assert [r.attempt for r in target.received] == [1, 2]
     finally:
+        await api.close()
+        server.kill()
+
+
+RESTARTS = 12
+
+
+async def test_postgres_restarted_under_enqueue_load_answers_only_202_or_503(
+    private_postgres: EmbeddedPostgres,
+) -> None:
+    """PostgreSQL stopped (fast and immediate, by turns) and started again 12 times while
+    16 producers enqueue: every answer is a 202 or a 503 with the JSON error and Retry-After,
+    never a 500, and every message answered 202 reaches the target once PostgreSQL is back.
+
+    Producers retry a refused message under the same dedup_key, as the outbox does: a 503
+    may come after a commit whose acknowledgement was lost."""
+    database_url = await create_database(private_postgres.url)
+    server = await ServerProcess(database_url, "--dispatchers", "8", "--lease-seconds", "2").start()
+    api = Api(server.url)
+    accepted: dict[str, str] = {}  # dedup key -> id
+    statuses: Counter[int] = Counter()
+    bad: list[tuple[int, object, str | None]] = []
+    stop = asyncio.Event()
+
+    async def producer(p: int) -> None:
+        n = 0
+        while not stop.is_set():
+            key = f"{p}-{n}"
+            try:
+                async with api.session.post(
+                    server.url + "/v1/queues/restarts/messages",
+                    json={"target": target.url, "body": {"k": key}, "dedup_key": key},
+                    timeout=aiohttp.ClientTimeout(total=30),
+                ) as response:
+                    status = response.status
+                    text = await response.text()
+                    retry_after = response.headers.get("Retry-After")
+                    content_type = response.content_type
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                statuses[0] += 1  # the server never answers with a broken connection...
+                await asyncio.sleep(0.05)
+                continue
+            statuses[status] += 1
+            if status == 202:
+                accepted[key] = json.loads(text)["id"]
+                n += 1
+                continue
+            if (
+                status != 503
+                or content_type != "application/json"
+                or retry_after is None
+                or set(json.loads(text)["error"]) != {"code", "message", "field"}
+            ):
+                bad.append((status, text[:300], retry_after))
+            await asyncio.sleep(0.02)
+
+    try:
+        async with sink() as target:
+            producers = [asyncio.create_task(producer(p)) for p in range(16)]
+            await asyncio.sleep(1.0)
+            for restart in range(RESTARTS):
+                mode = "immediate" if restart % 2 else "fast"
+                await asyncio.to_thread(private_postgres.stop, mode)
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(private_postgres.start)
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*producers)
+            ids = set(accepted.values())
+            print(
+                f"{RESTARTS} restarts, {sum(statuses.values())} requests, statuses {statuses},"
+                f" {len(ids)} accepted"
+            )
+            try:
+                await target.wait_for(lambda: set(target.delivered_ids()) >= ids, timeout=60)
+            except TimeoutError:
+                missing = sorted(int(i) for i in ids - set(target.delivered_ids()))
+                conn = await asyncpg.connect(database_url)
+                rows = await conn.fetch(
+                    "SELECT id, state, attempt, leased_by, lease_expires_at, scheduled_at,"
+                    " last_error FROM ap4k_messages WHERE id = ANY($1) LIMIT 10", missing
+                )
+                await conn.close()
+                raise AssertionError((len(missing), missing[:10], [dict(r) for r in rows],
+                                      server.log()[-3000:])) from None
+            assert not bad, bad[:5]
+            assert set(statuses) <= {0, 202, 503}, statuses
+            assert statuses[503] > 0, "PostgreSQL was never seen down: the test tested nothing"
+            assert len(ids) == len(accepted)  # one id per key: no retry made a second message
+            assert set(target.delivered_ids()) >= ids
+        log = server.log()
+        assert "Future exception was never retrieved" not in log, log[-3000:]
+        assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
+    finally:
+        stop.set()
         await api.close()
         server.kill()

@@ -68,6 +68,43 @@ def check(level: str, fmt: str) -> None:
         raise LogSettingsError(f"--log-format must be one of {', '.join(FORMATS)}, not {fmt!r}")
 
 
+class OneLineWarnings(logging.Filter):
+    """Put a library's expected-failure warning on one line: asyncpg's pool logs a whole
+    traceback each time it cannot reconnect while PostgreSQL restarts, which is an outage
+    to report, not a bug to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.levelno < logging.ERROR:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+class Throttled:
+    """A warning that may recur many times a second (a refusal per request during an
+    outage): logged at most once per `seconds`, with how often it happened meanwhile."""
+
+    def __init__(self, logger: logging.Logger, seconds: float = 5.0) -> None:
+        self._logger = logger
+        self._seconds = seconds
+        self._count = 0
+        self._logged_at = -seconds
+
+    def warning(self, message: str, *args: object) -> None:
+        """Log `message % args` followed by " (N times in the last S s)"."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self._seconds:
+            self._logger.warning(
+                message + " (%d times since the last report)", *args, self._count
+            )
+            self._count = 0
+            self._logged_at = now
+
+
 def configure(level: str = "info", fmt: str = "text", access_log: bool = False) -> None:
     check(level, fmt)
     handler = logging.StreamHandler(sys.stderr)
@@ -76,6 +113,7 @@ def configure(level: str = "info", fmt: str = "text", access_log: bool = False) 
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
+    logging.getLogger("asyncpg.pool").addFilter(OneLineWarnings())
 
 
 def run_async(main: object) -> None:

@@ -24,6 +24,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ap4k.core import wire
 from ap4k.core.delivery import Delivery, Verdict
+from ap4k.core.logs import Throttled
 from ap4k.core.targets import TargetError
 from ap4k.server.dispatcher import DispatcherPool
 from ap4k.server.errors import ApiError, invalid, not_found
@@ -32,7 +33,7 @@ from ap4k.server.leaser import Leaser
 from ap4k.server.openapi import openapi_document
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import EnqueueRow, QueueDepth, QueueSettings, Store
+from ap4k.server.store import DB_ERRORS, EnqueueRow, QueueDepth, QueueSettings, Store
 from ap4k.server.validation import (
     ACKS,
     EXTEND,
@@ -55,7 +56,6 @@ from ap4k.server.wakeups import SETTINGS_CHANNEL, Wakeups
 log = logging.getLogger("ap4k.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass
@@ -114,7 +114,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         # fault, and retrying it would never help.
         return json_response(ApiError(400, "invalid_value", str(exc)).body(), 400)
     except DB_ERRORS as exc:
-        log.warning("database unavailable: %s", exc)
+        _unavailable.warning("database unavailable, answering 503: %s", exc)
         body = ApiError(503, "unavailable", "the database is unavailable; retry later").body()
         return web.Response(
             body=msgspec.json.encode(body),
@@ -122,6 +122,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             content_type="application/json",
             headers={"Retry-After": "1"},
         )
+
+
+# One line per few seconds of an outage, not one per refused request.
+_unavailable = Throttled(log)
 
 
 def auth_middleware(token: str | None) -> Any:
@@ -663,7 +667,7 @@ async def readyz(request: web.Request) -> web.Response:
         async with asyncio.timeout(2):
             async with services.store.pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
-    except (TimeoutError, *DB_ERRORS):
+    except DB_ERRORS:  # a TimeoutError is an OSError
         return json_response(wire.Health("database unavailable"), 503)
     return json_response(wire.Health("ready"))
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import time
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from ap4k.core.limits import MAX_HEADER_FIELD_BYTES
+from ap4k.core.logs import Throttled
 from ap4k.server.errors import ApiError
 
 log = logging.getLogger("ap4k.connections")
@@ -81,8 +81,7 @@ class ConnectionLimit:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: dict[ApiRequestHandler, None] = {}
-        self._closed_since_report = 0
-        self._reported_at = 0.0
+        self._full = Throttled(log, LIMIT_REPORT_SECONDS)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -96,16 +95,9 @@ class ConnectionLimit:
         )
         self._open.pop(victim, None)
         victim.force_close()
-        self._closed_since_report += 1
-        now = time.monotonic()
-        if now - self._reported_at >= LIMIT_REPORT_SECONDS:
-            log.warning(
-                "%d connections open, the limit: closed %d idle or slow ones to make room",
-                self.limit,
-                self._closed_since_report,
-            )
-            self._reported_at = now
-            self._closed_since_report = 0
+        self._full.warning(
+            "%d connections open, the limit: closed the oldest idle or slow one", self.limit
+        )
 
     def closed(self, handler: ApiRequestHandler) -> None:
         self._open.pop(handler, None)

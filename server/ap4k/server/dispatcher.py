@@ -17,14 +17,12 @@ import os
 import socket
 import time
 
-import asyncpg
-
 from ap4k.core.delivery import Deliverer, Delivery
 from ap4k.server import metrics
 from ap4k.server.leaser import MAX_LEASE_BATCH, Leaser
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import QueueSettings, Store
+from ap4k.server.store import DB_ERRORS, QueueSettings, Store
 from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.dispatcher")
@@ -136,7 +134,7 @@ class DispatcherPool:
                 self.identity, [d.id for d in deliveries], [d.attempt for d in deliveries]
             )
             log.info("released %d undelivered leases", len(deliveries))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("could not release %d leases (they will expire): %s", len(deliveries), exc)
 
     # -- direct hand-off ------------------------------------------------------------------
@@ -177,6 +175,15 @@ class DispatcherPool:
     # -- leasing --------------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
+        """Leasing must outlive any failure: without it this process delivers nothing."""
+        while not self._stopping:
+            try:
+                await self._lease_rounds()
+            except Exception:
+                log.exception("the lease loop failed; it starts again in a second")
+                await asyncio.sleep(1.0)
+
+    async def _lease_rounds(self) -> None:
         next_poll = 0.0
         rotation = 0
         while not self._stopping:
@@ -189,7 +196,7 @@ class DispatcherPool:
                 next_poll = now + POLL_SECONDS
                 try:
                     self._active.update(await self.directory.unpaused_names())
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("cannot list queues: %s", exc)
             self._active |= self.wakeups.hinted
             self.wakeups.hinted.clear()
@@ -205,7 +212,7 @@ class DispatcherPool:
                     break
                 try:
                     leased_any |= await self._lease_from(queue, min(room, MAX_LEASE_BATCH))
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("lease from %s failed: %s", queue, exc)
                     await asyncio.sleep(0.5)
                     break

@@ -15,15 +15,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import asyncpg
-
 from ap4k.server import metrics
-from ap4k.server.store import STATES, Store
+from ap4k.server.store import DB_ERRORS, STATES, Store
 from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.maintenance")
-
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class Maintenance:
@@ -76,6 +72,8 @@ class Maintenance:
                     await job()
                 except DB_ERRORS as exc:
                     log.warning("%s failed: %s", job.__name__, exc)
+                except Exception:  # a bug: say so, and keep the upkeep going
+                    log.exception("%s failed", job.__name__)
                 await asyncio.sleep(seconds)
 
         return loop
@@ -92,6 +90,8 @@ class Maintenance:
                     wait = min(max(due_in, 0.005), 1.0)
             except DB_ERRORS as exc:
                 log.warning("scheduler failed: %s", exc)
+            except Exception:
+                log.exception("scheduler failed")
             if wait > 0:
                 self._scheduler_poke.clear()
                 with contextlib.suppress(TimeoutError):

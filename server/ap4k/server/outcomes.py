@@ -36,6 +36,11 @@ class OutcomeReport:
     response_excerpt: str | None = None  # the start of a failed answer's body
 
 
+def _mark_retrieved(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class OutcomeRecorder:
     def __init__(
         self,
@@ -54,6 +59,10 @@ class OutcomeRecorder:
 
     def submit(self, leased_by: str, report: OutcomeReport) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        # Dispatchers do not wait for their outcomes; a failed write is logged once per
+        # batch in _flush, so mark each future's exception as seen (or asyncio logs a
+        # "Future exception was never retrieved" for every outcome of the batch).
+        future.add_done_callback(_mark_retrieved)
         self._pending.setdefault(leased_by, []).append((report, future))
         if report.duration is not None and report.queue is not None:
             metrics.child(metrics.DELIVERY_DURATION, report.queue).observe(report.duration)

@@ -19,6 +19,17 @@ from ap4k.server.migrate import migrate
 STATES = ("available", "scheduled", "running", "retryable", "discarded")
 MAX_ID = 2**63 - 1
 
+# What a statement raises when the database is unreachable, restarting, or closed the
+# connection under it: worth a retry later (a 503), never a 500. InternalClientError ("cannot
+# switch to state 12; another operation is in progress") is what asyncpg raises for a
+# statement begun on a connection PostgreSQL's shutdown was tearing down.
+DB_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class QueueSettings:

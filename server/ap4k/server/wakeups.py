@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import asyncpg
 
 from ap4k.server.queries import WAKEUP_CHANNEL
-from ap4k.server.store import Store
+from ap4k.server.store import DB_ERRORS, Store
 
 log = logging.getLogger("ap4k.wakeups")
 
@@ -87,7 +87,7 @@ class Wakeups:
                     await asyncio.sleep(5.0)
                     async with asyncio.timeout(5.0):
                         await conn.fetchval("SELECT 1")
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:  # TimeoutError is an OSError
                 log.info("LISTEN connection lost (%s); reconnecting", exc)
             finally:
                 if conn is not None and not conn.is_closed():
