@@ -85,6 +85,16 @@ def msg(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in message.items() if v is not NO_BODY}
 
 
+def nested(depth: int, open_: str = "[", close: str = "]") -> bytes:
+    """JSON nested `depth` levels deep: [[[...1...]]]."""
+    return (open_ * depth + "1" + close * depth).encode()
+
+
+def raw_message(body: bytes) -> bytes:
+    """A valid message whose body is the JSON text `body`, as raw bytes."""
+    return b'{"target": "' + OK_TARGET.encode() + b'", "body": ' + body + b"}"
+
+
 def enqueue(id: str, body: Any, field: str | None, code: str = "invalid_field") -> Case:
     return Case(id, "POST", "/v1/queues/fresh/messages", body, 400, code, field)
 
@@ -188,6 +198,15 @@ CASES = [
     enqueue("timeout-too-long", msg(timeout_seconds=1801), "timeout_seconds"),
     enqueue("timeout-string", msg(timeout_seconds="5"), "timeout_seconds"),
     enqueue("timeout-bool", msg(timeout_seconds=True), "timeout_seconds"),
+    # -- bodies nested deeper than the JSON reader goes (Python's recursion limit)
+    enqueue("body-nested-1000", raw_message(nested(1000)), "body"),
+    enqueue("body-nested-objects-1000", raw_message(nested(1000, '{"a":', "}")), "body"),
+    enqueue("body-nested-5000", raw_message(nested(5000)), "body"),
+    enqueue(
+        "batch-one-nested-body",
+        b'{"messages": [' + raw_message(b"1") + b", " + raw_message(nested(1000)) + b"]}",
+        "messages",
+    ),
     # -- batches: one bad message refuses the whole batch
     enqueue("batch-empty", {"messages": []}, "messages"),
     enqueue("batch-not-array", {"messages": msg()}, "messages"),

@@ -276,12 +276,14 @@ async def enqueue(request: web.Request) -> web.Response:
     exists = settings is not None
     settings = settings or default_settings(queue)
     targets = []
+    bodies = []
     for i, m in enumerate(messages):
+        prefix = f"messages[{i}]." if is_batch else ""
         try:
             targets.append(services.directory.target(settings, m.target))
         except TargetError as exc:
-            field = f"messages[{i}].target" if is_batch else "target"
-            raise ApiError(400, "target_not_allowed", str(exc), field) from None
+            raise ApiError(400, "target_not_allowed", str(exc), prefix + "target") from None
+        bodies.append(encode_body(m, prefix + "body"))
     if not exists:
         await services.store.ensure_queues([queue])
         services.directory.invalidate(queue)
@@ -307,7 +309,7 @@ async def enqueue(request: web.Request) -> web.Response:
                 queue=queue,
                 message=m,
                 target=url,
-                body=encode_body(m),
+                body=bodies[i],
                 leased_by=identity if hand_off else None,
             )
         )

@@ -145,6 +145,12 @@ def _check_message(m: wire.MessageIn, prefix: str) -> None:
         m.timeout_seconds = wire.DEFAULT_TIMEOUT_SECONDS
 
 
+def _too_deep(field: str) -> ApiError:
+    # msgspec reads and writes nested JSON recursively, so Python's recursion limit bounds
+    # it: a little under 1,000 levels, depending on how deep the stack already is.
+    return invalid(field, f"{field} nests arrays or objects too deeply (keep it under 500)")
+
+
 def parse_enqueue(raw: bytes) -> tuple[list[wire.MessageIn], bool]:
     """The body of POST /v1/queues/{queue}/messages: (messages, is_batch)."""
     try:
@@ -153,18 +159,26 @@ def parse_enqueue(raw: bytes) -> tuple[list[wire.MessageIn], bool]:
     except msgspec.ValidationError as exc:
         if not str(exc).startswith(_BATCH_HINT) or " - at `" in str(exc):
             raise _refused(exc, raw) from None
-        messages = decode(_BATCH, raw).messages
+        try:
+            messages = decode(_BATCH, raw).messages
+        except RecursionError:
+            raise _too_deep("messages") from None
         is_batch = True
     except msgspec.DecodeError as exc:
         raise malformed(exc) from None
+    except RecursionError:  # only `body` may hold nested JSON
+        raise _too_deep("body") from None
     for i, m in enumerate(messages):
         _check_message(m, f"messages[{i}]." if is_batch else "")
     return messages, is_batch
 
 
-def encode_body(m: wire.MessageIn) -> bytes | None:
+def encode_body(m: wire.MessageIn, field: str = "body") -> bytes | None:
     """The message's body as stored: JSON bytes, or None when it has none."""
-    return None if m.body is msgspec.UNSET else msgspec.json.encode(m.body)
+    try:
+        return None if m.body is msgspec.UNSET else msgspec.json.encode(m.body)
+    except RecursionError:
+        raise _too_deep(field) from None
 
 
 # -- queue settings -------------------------------------------------------------------------
