@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
+import asyncpg
+
 from ap4k.server.store import EnqueueRow, Store
 
 MAX_ROWS_PER_STATEMENT = 2000
@@ -55,23 +57,35 @@ class Inserter:
                     item = self._pending.pop(0)
                     batch.append(item)
                     count += len(item[0])
-                rows = [row for item_rows, _ in batch for row in item_rows]
-                try:
-                    results = await self._store.enqueue(rows, self._lease_seconds)
-                except asyncio.CancelledError:
-                    for _, future in batch:
-                        future.cancel()
-                    raise
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                self._on_committed(rows, results)
-                offset = 0
-                for item_rows, future in batch:
-                    if not future.done():
-                        future.set_result(results[offset : offset + len(item_rows)])
-                    offset += len(item_rows)
+                if not await self._insert(batch):
+                    # A row PostgreSQL refuses fails the whole statement: insert each
+                    # request's rows on their own, so that only the request at fault fails.
+                    for item in batch:
+                        await self._insert([item])
         finally:
             self._flushers -= 1
+
+    async def _insert(self, batch: list[Pending]) -> bool:
+        """One statement for the batch; each request's future gets its results or the error.
+        False (and nothing answered) when a batch of several requests met a DataError."""
+        rows = [row for item_rows, _ in batch for row in item_rows]
+        try:
+            results = await self._store.enqueue(rows, self._lease_seconds)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            if isinstance(exc, asyncpg.DataError) and len(batch) > 1:
+                return False
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return True
+        self._on_committed(rows, results)
+        offset = 0
+        for item_rows, future in batch:
+            if not future.done():
+                future.set_result(results[offset : offset + len(item_rows)])
+            offset += len(item_rows)
+        return True

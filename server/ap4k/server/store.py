@@ -181,18 +181,33 @@ class Store:
         self, rows: Sequence[EnqueueRow], lease_seconds: float = 30.0
     ) -> list[tuple[int, str, bool]]:
         """Insert rows in one statement; per row (id, state, duplicate), in input order."""
-        columns = _enqueue_columns(rows)
         async with self.pool.acquire() as conn:
-            records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
-            results = [(r["id"], r["state"], r["duplicate"]) for r in records]
-            for i, (msg_id, _, _) in enumerate(results):
-                if msg_id is None:  # a duplicate committed concurrently with us
+            results: list[tuple[int, str, bool] | None] = [None] * len(rows)
+            todo = list(range(len(rows)))
+            # A row whose dedup key was committed concurrently with the INSERT is skipped
+            # and looked up afterwards; if that original was purged or pruned in between,
+            # the row goes in again (the original is gone: this is no longer a duplicate).
+            for _ in range(10):
+                columns = _enqueue_columns([rows[i] for i in todo])
+                records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
+                vanished = []
+                for i, r in zip(todo, records, strict=True):
+                    if r["id"] is not None:
+                        results[i] = (r["id"], r["state"], r["duplicate"])
+                        continue
                     again = await conn.fetchrow(
                         queries.FIND_BY_DEDUP_KEY, rows[i].queue, rows[i].message.dedup_key
                     )
-                    assert again is not None
-                    results[i] = (again["id"], again["state"], True)
-        return results
+                    if again is None:
+                        vanished.append(i)
+                    else:
+                        results[i] = (again["id"], again["state"], True)
+                if not vanished:
+                    return [r for r in results if r is not None]
+                todo = vanished
+        raise asyncpg.exceptions.SerializationError(
+            "a dedup key kept changing under the enqueue; retry later"
+        )
 
     # -- leases and outcomes -------------------------------------------------------------
 

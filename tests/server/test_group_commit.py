@@ -1,0 +1,109 @@
+"""Group commit (inserter.py, store.enqueue) when things go wrong: a row PostgreSQL refuses
+fails only its own request, and a duplicate whose original vanishes mid-enqueue is inserted
+afresh instead of failing. Real PostgreSQL; the race is made deterministic with its locks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import asyncpg
+import pytest
+
+from ap4k.core import wire
+from ap4k.server.inserter import Inserter
+from ap4k.server.store import EnqueueRow, Store
+from ap4k_testkit import StartServer, count_rows, sink
+
+
+def row(target: str, dedup_key: str | None = None) -> EnqueueRow:
+    message = wire.MessageIn(target=target, dedup_key=dedup_key, timeout_seconds=30.0)
+    return EnqueueRow(queue="grouped", message=message, target=target, body=b"{}")
+
+
+async def test_a_row_postgresql_refuses_fails_only_its_own_request(database_url: str) -> None:
+    store = await Store.connect(database_url, min_size=1, max_size=2)
+    committed: list[Sequence[EnqueueRow]] = []
+    try:
+        await store.migrate()
+        await store.ensure_queues(["grouped"])
+        inserter = Inserter(store, lambda rows, _results: committed.append(rows))
+        # Three requests that arrive together and share one statement; the middle one holds
+        # a NUL, which no text column can store (validation refuses it before this point;
+        # this is the backstop for whatever validation may miss).
+        good_1, bad, good_2 = await asyncio.gather(
+            inserter.insert([row("http://127.0.0.1:9/a"), row("http://127.0.0.1:9/b")]),
+            inserter.insert([row("http://127.0.0.1:9/\x00")]),
+            inserter.insert([row("http://127.0.0.1:9/c")]),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, asyncpg.DataError), bad
+        assert isinstance(good_1, list) and len(good_1) == 2, good_1
+        assert isinstance(good_2, list) and len(good_2) == 1, good_2
+        assert await count_rows(database_url, "SELECT count(*) FROM ap4k_messages") == 3
+        assert sorted(len(rows) for rows in committed) == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_a_duplicate_whose_original_is_deleted_mid_enqueue_is_inserted_afresh(
+    start_server: StartServer, database_url: str
+) -> None:
+    """The enqueue's INSERT skips a dedup key committed concurrently (its snapshot cannot see
+    the original), then looks the original up; if the original was purged or pruned in
+    between, the message is inserted again, not refused with a 500.
+
+    The interleaving is forced: another transaction holds an uncommitted row with the key (the
+    INSERT waits for it), a table lock is queued behind the INSERT (so the look-up waits for
+    it), and the lock holder deletes the original before letting the look-up run."""
+    _, api = await start_server(dispatchers=0)
+    await api.settings("racy", paused=True)
+    original = await asyncpg.connect(database_url)
+    locker = await asyncpg.connect(database_url)
+    observer = await asyncpg.connect(database_url)
+    try:
+        original_tx = original.transaction()
+        await original_tx.start()
+        await original.execute(
+            "INSERT INTO ap4k_messages (id, queue, state, target, lease_order, dedup_key)"
+            " VALUES (nextval('ap4k_messages_id_seq'), 'racy', 'available',"
+            " 'http://127.0.0.1:9/', 0, 'k')"
+        )
+        async with sink() as target:
+            sending = asyncio.create_task(
+                api.call(
+                    "POST", "/v1/queues/racy/messages", {"target": target.url, "dedup_key": "k"}
+                )
+            )
+            await wait_for_lock_waits(observer, 1)  # the INSERT waits for `original`
+            locker_tx = locker.transaction()
+            await locker_tx.start()
+            locking = asyncio.create_task(
+                locker.execute("LOCK TABLE ap4k_messages IN ACCESS EXCLUSIVE MODE")
+            )
+            await wait_for_lock_waits(observer, 2)  # and the table lock waits for the INSERT
+            await original_tx.commit()
+            await locking  # the INSERT skipped the key and committed; the look-up waits
+            await locker.execute("DELETE FROM ap4k_messages WHERE dedup_key = 'k'")
+            await locker_tx.commit()
+            status, body = await sending
+        assert status == 202, body
+        assert body["duplicate"] is False, body
+        stored = await api.message(body["id"])
+        assert stored["dedup_key"] == "k" and stored["state"] == "available"
+        assert await count_rows(database_url, "SELECT count(*) FROM ap4k_messages") == 1
+    finally:
+        for conn in (original, locker, observer):
+            await conn.close()
+
+
+async def wait_for_lock_waits(conn: asyncpg.Connection, count: int) -> None:
+    for _ in range(500):
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"expected {count} sessions waiting for a lock")
