@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import aiohttp
 import asyncpg
 import pytest
 
 from ap4k.core import wire
+from ap4k.core.embedded_pg import free_port
+from ap4k.server.app import Server, ServerSettings
 from ap4k.server.inserter import Inserter
 from ap4k.server.store import EnqueueRow, Store
-from ap4k_testkit import StartServer, count_rows, sink
+from ap4k_testkit import Api, StartServer, count_rows, sink
 
 
 def row(target: str, dedup_key: str | None = None) -> EnqueueRow:
@@ -107,3 +110,59 @@ async def wait_for_lock_waits(conn: asyncpg.Connection, count: int) -> None:
             return
         await asyncio.sleep(0.01)
     pytest.fail(f"expected {count} sessions waiting for a lock")
+
+
+async def test_an_enqueue_cancelled_at_shutdown_after_its_insert_gives_the_lease_back(
+    database_url: str,
+) -> None:
+    """A message inserted leased to this server's dispatchers (direct hand-off) whose request
+    was cancelled by the shutdown before its INSERT committed is released when the INSERT
+    does commit: available at once for the next server, not `running` until its lease
+    expires a minute later."""
+    port = free_port()
+    server = Server(
+        ServerSettings(
+            host="127.0.0.1", port=port, database_url=database_url, dispatchers=2,
+            drain_grace_seconds=0.5, pool_size=4,
+        )
+    )
+    await server.start()
+    api = Api(f"http://127.0.0.1:{port}")
+    blocker = await asyncpg.connect(database_url)
+    try:
+        await api.settings("cut")
+        # An uncommitted row with the message's dedup key: its INSERT waits for this
+        # transaction to end (and nothing else does).
+        block = blocker.transaction()
+        await block.start()
+        await blocker.execute(
+            "INSERT INTO ap4k_messages (id, queue, state, target, lease_order, dedup_key)"
+            " VALUES (nextval('ap4k_messages_id_seq'), 'cut', 'scheduled',"
+            " 'http://127.0.0.1:9/', 0, 'k')"
+        )
+        sending = asyncio.create_task(
+            api.call(
+                "POST",
+                "/v1/queues/cut/messages",
+                {"target": "http://127.0.0.1:9/", "dedup_key": "k"},
+            )
+        )
+        observer = await asyncpg.connect(database_url)
+        try:
+            await wait_for_lock_waits(observer, 1)
+        finally:
+            await observer.close()
+        stopping = asyncio.create_task(server.stop())
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await sending  # the shutdown cancelled the request
+        await block.rollback()  # now the INSERT commits, leased to the stopped dispatchers
+        await stopping
+    finally:
+        await blocker.close()
+        await api.close()
+    rows = await count_rows(
+        database_url,
+        "SELECT count(*) FROM ap4k_messages WHERE state = 'available' AND attempt = 0"
+        " AND leased_by IS NULL",
+    )
+    assert rows == 1

@@ -9,6 +9,7 @@ middleware, never a 500.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import math
@@ -313,41 +314,72 @@ async def enqueue(request: web.Request) -> web.Response:
                 leased_by=identity if hand_off else None,
             )
         )
-    try:
+    if dispatchers is None:
         results = await services.inserter.insert(rows)
-    except BaseException:
-        if dispatchers is not None:
-            dispatchers.unreserve(direct)
-        raise
-    if dispatchers is not None:
-        created_at = time.time()
-        taken = 0
-        for i in handed:
-            msg_id, state, duplicate = results[i]
-            if duplicate or state != "running":
-                continue
-            m, row, (url, explicit) = messages[i], rows[i], targets[i]
-            assert m.timeout_seconds is not None  # validation filled in the default
-            dispatchers.take(
-                Delivery(
-                    id=msg_id,
-                    queue=queue,
-                    attempt=1,
-                    max_attempts=m.max_attempts or settings.max_attempts,
-                    target=url,
-                    method=m.method,
-                    headers=m.headers,
-                    body=row.body,
-                    timeout_seconds=m.timeout_seconds,
-                    created_at=created_at,
-                    signing_secret=settings.signing_secret,
-                    explicitly_allowed=explicit,
+    else:
+        give = functools.partial(
+            _hand_off, dispatchers, settings, queue, messages, rows, targets, handed, direct
+        )
+        inserting = asyncio.ensure_future(services.inserter.insert(rows))
+        try:
+            results = await asyncio.shield(inserting)
+        except asyncio.CancelledError:
+            # Cancelled (at shutdown) while the INSERT may still commit: the rows leased to
+            # our dispatchers must still reach them (or be given back), not sit out a lease.
+            inserting.add_done_callback(
+                lambda done: give(
+                    None if done.cancelled() or done.exception() else done.result()
                 )
             )
-            taken += 1
-        dispatchers.unreserve(direct - taken)
+            raise
+        except BaseException:
+            give(None)
+            raise
+        give(results)
     items = [wire.Enqueued(str(i), s, d) for i, s, d in results]
     return json_response(wire.BatchEnqueued(items) if is_batch else items[0], 202)
+
+
+def _hand_off(
+    dispatchers: DispatcherPool,
+    settings: QueueSettings,
+    queue: str,
+    messages: list[wire.MessageIn],
+    rows: list[EnqueueRow],
+    targets: list[tuple[str, bool]],
+    handed: list[int],
+    direct: int,
+    results: list[tuple[int, str, bool]] | None,
+) -> None:
+    """Give the messages inserted leased to our dispatchers (`handed`, out of the `direct`
+    places reserved) to them; `results` None: the INSERT failed, return the places."""
+    taken = 0
+    created_at = time.time()
+    for i in handed if results is not None else ():
+        assert results is not None
+        msg_id, state, duplicate = results[i]
+        if duplicate or state != "running":
+            continue
+        m, row, (url, explicit) = messages[i], rows[i], targets[i]
+        assert m.timeout_seconds is not None  # validation filled in the default
+        dispatchers.take(
+            Delivery(
+                id=msg_id,
+                queue=queue,
+                attempt=1,
+                max_attempts=m.max_attempts or settings.max_attempts,
+                target=url,
+                method=m.method,
+                headers=m.headers,
+                body=row.body,
+                timeout_seconds=m.timeout_seconds,
+                created_at=created_at,
+                signing_secret=settings.signing_secret,
+                explicitly_allowed=explicit,
+            )
+        )
+        taken += 1
+    dispatchers.unreserve(direct - taken)
 
 
 async def get_message(request: web.Request) -> web.Response:

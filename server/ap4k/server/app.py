@@ -260,6 +260,10 @@ class Server:
             self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        # Requests cancelled by the cleanup may still have INSERTs committing, of rows handed
+        # to our dispatchers, which have stopped: give those back now, not at lease expiry.
+        await self.services.inserter.drain()
+        await self.dispatchers.release_late()
         await self.maintenance.stop()
         for task in self._background:
             task.cancel()

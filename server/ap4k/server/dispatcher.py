@@ -122,9 +122,17 @@ class DispatcherPool:
                 ),
             )
         await self.recorder.drain()
-        await self._release(unstarted + self._late)
+        late, self._late = self._late, []
+        await self._release(unstarted + late)
         await self.deliverer.close()
         self._tasks.clear()
+
+    async def release_late(self) -> None:
+        """Give back what enqueues handed over after stop() (their INSERT committed late,
+        e.g. for a request cancelled at shutdown); the server calls it once no INSERT is
+        in flight any more."""
+        late, self._late = self._late, []
+        await self._release(late)
 
     async def _release(self, deliveries: list[Delivery]) -> None:
         if not deliveries:

@@ -34,13 +34,20 @@ class Inserter:
         self._on_committed = on_committed
         self._concurrency = concurrency
         self._pending: list[Pending] = []
+        self._unanswered: set[asyncio.Future[Results]] = set()  # waiting or being written
         self._flushers = 0
+
+    async def drain(self) -> None:
+        """Until every insert requested so far is committed or has failed."""
+        await asyncio.gather(*self._unanswered, return_exceptions=True)
 
     async def insert(self, rows: Sequence[EnqueueRow]) -> list[tuple[int, str, bool]]:
         future: asyncio.Future[list[tuple[int, str, bool]]] = (
             asyncio.get_running_loop().create_future()
         )
         self._pending.append((rows, future))
+        self._unanswered.add(future)
+        future.add_done_callback(self._unanswered.discard)
         if self._flushers < self._concurrency:
             self._flushers += 1
             asyncio.get_running_loop().create_task(self._flush())
