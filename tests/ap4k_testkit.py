@@ -228,6 +228,32 @@ async def ap4k(*args: str, env: dict[str, str] | None = None) -> Run:
     return Run(process.returncode, stdout.decode(), stderr.decode())
 
 
+@contextlib.asynccontextmanager
+async def undelivering_server(database_url: str) -> AsyncIterator[Api]:
+    """An in-process server without dispatchers (nothing it takes is meant to be delivered),
+    for a module of tests that share one; yields its API client and stops it after."""
+    from ap4k.server.app import Server, ServerSettings
+
+    port = free_port()
+    server = Server(
+        ServerSettings(
+            host="127.0.0.1",
+            port=port,
+            database_url=database_url,
+            dispatchers=0,
+            drain_grace_seconds=1.0,
+            pool_size=4,
+        )
+    )
+    await server.start()
+    api = Api(f"http://127.0.0.1:{port}")
+    try:
+        yield api
+    finally:
+        await api.close()
+        await server.stop()
+
+
 class ChildProcess:
     """An `ap4k` command run as a real child process, for tests that kill it."""
 

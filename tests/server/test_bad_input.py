@@ -15,10 +15,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
-from ap4k.server.app import Server, ServerSettings
+from ap4k.core.embedded_pg import EmbeddedPostgres
 from ap4k.server.validation import parse_id
-from ap4k_testkit import Api, StartServer, count_rows, create_database, sink
+from ap4k_testkit import (
+    Api,
+    StartServer,
+    count_rows,
+    create_database,
+    sink,
+    undelivering_server,
+)
 
 OK_TARGET = "http://127.0.0.1:9/hook"  # never called: no case here is ever stored
 NO_BODY = object()
@@ -33,32 +39,13 @@ class Shared:
 
 @pytest.fixture(scope="module")
 async def shared(postgres: EmbeddedPostgres) -> AsyncIterator[Shared]:
-    """One server for the table, with the queues the cases refer to.
-
-    No dispatchers: nothing in this module is meant to be delivered.
-    """
+    """One server for the table, with the queues the cases refer to."""
     database_url = await create_database(postgres.url, prefix="bad")
-    port = free_port()
-    server = Server(
-        ServerSettings(
-            host="127.0.0.1",
-            port=port,
-            database_url=database_url,
-            dispatchers=0,
-            drain_grace_seconds=1.0,
-            pool_size=4,
-        )
-    )
-    await server.start()
-    api = Api(f"http://127.0.0.1:{port}")
-    await api.settings("existing")
-    await api.settings("guarded", allowed_targets=["https://allowed.example/"])
-    await api.settings("based", base_url="http://127.0.0.1:9/base/")
-    try:
+    async with undelivering_server(database_url) as api:
+        await api.settings("existing")
+        await api.settings("guarded", allowed_targets=["https://allowed.example/"])
+        await api.settings("based", base_url="http://127.0.0.1:9/base/")
         yield Shared(api, database_url)
-    finally:
-        await api.close()
-        await server.stop()
 
 
 async def table_counts(database_url: str) -> tuple[int, int]:

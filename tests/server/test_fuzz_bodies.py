@@ -20,9 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
-from ap4k.server.app import Server, ServerSettings
-from ap4k_testkit import Api, create_database
+from ap4k.core.embedded_pg import EmbeddedPostgres
+from ap4k_testkit import Api, create_database, undelivering_server
 
 ENQUEUE_EXAMPLES = 400
 SETTINGS_EXAMPLES = 250
@@ -185,25 +184,10 @@ def settings_bodies(draw: st.DrawFn) -> Any:
 @pytest.fixture(scope="module")
 async def fuzzed(postgres: EmbeddedPostgres) -> AsyncIterator[Api]:
     database_url = await create_database(postgres.url, prefix="fuzz")
-    port = free_port()
-    server = Server(
-        ServerSettings(
-            host="127.0.0.1",
-            port=port,
-            database_url=database_url,
-            dispatchers=0,  # nothing here is meant to be delivered
-            pool_size=4,
-        )
-    )
-    await server.start()
-    api = Api(f"http://127.0.0.1:{port}")
-    await api.settings("fuzz-based", base_url="http://127.0.0.1:9/base/", paused=True)
-    await api.settings("fuzz", paused=True)
-    try:
+    async with undelivering_server(database_url) as api:
+        await api.settings("fuzz-based", base_url="http://127.0.0.1:9/base/", paused=True)
+        await api.settings("fuzz", paused=True)
         yield api
-    finally:
-        await api.close()
-        await server.stop()
 
 
 async def check_answer(api: Api, method: str, path: str, body: Any) -> None:
