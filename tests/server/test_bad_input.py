@@ -185,14 +185,15 @@ CASES = [
     enqueue("timeout-too-long", msg(timeout_seconds=1801), "timeout_seconds"),
     enqueue("timeout-string", msg(timeout_seconds="5"), "timeout_seconds"),
     enqueue("timeout-bool", msg(timeout_seconds=True), "timeout_seconds"),
-    # -- bodies nested deeper than the JSON reader goes (Python's recursion limit)
+    # -- bodies nested deeper than MAX_BODY_DEPTH (500), or than the JSON reader goes at all
+    enqueue("body-nested-501", raw_message(nested(501)), "body"),
+    enqueue("body-nested-objects-600", raw_message(nested(600, '{"a":', "}")), "body"),
     enqueue("body-nested-1000", raw_message(nested(1000)), "body"),
-    enqueue("body-nested-objects-1000", raw_message(nested(1000, '{"a":', "}")), "body"),
     enqueue("body-nested-5000", raw_message(nested(5000)), "body"),
     enqueue(
         "batch-one-nested-body",
-        b'{"messages": [' + raw_message(b"1") + b", " + raw_message(nested(1000)) + b"]}",
-        "messages",
+        b'{"messages": [' + raw_message(b"1") + b", " + raw_message(nested(600)) + b"]}",
+        "messages[1].body",
     ),
     # -- batches: one bad message refuses the whole batch
     enqueue("batch-empty", {"messages": []}, "messages"),

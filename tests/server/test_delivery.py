@@ -8,6 +8,7 @@ import random
 from aiohttp import web
 
 from ap4k.core.limits import MAX_HEADER_FIELD_BYTES
+from ap4k.server.validation import MAX_BODY_DEPTH
 from ap4k_testkit import Api, Received, count_rows, sink
 
 
@@ -166,10 +167,9 @@ async def test_a_header_of_the_largest_size_allowed_is_delivered(api: Api) -> No
         assert target.received[-1].headers[name] == value
 
 
-async def test_a_body_nested_400_deep_is_stored_and_delivered_whole(api: Api) -> None:
-    """Deeper than orjson writes (254) and within what the 400 promises (under 500): it
-    arrives byte for byte."""
-    depth = 400
+async def test_the_deepest_body_allowed_is_stored_and_delivered_whole(api: Api) -> None:
+    """MAX_BODY_DEPTH levels (deeper than orjson writes back): it arrives byte for byte."""
+    depth = MAX_BODY_DEPTH
     body = "[" * depth + "1" + "]" * depth
     async with sink() as target:
         status, sent = await api.call(

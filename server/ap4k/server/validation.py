@@ -145,10 +145,32 @@ def _check_message(m: wire.MessageIn, prefix: str) -> None:
         m.timeout_seconds = wire.DEFAULT_TIMEOUT_SECONDS
 
 
+# How deep a message body may nest arrays and objects. msgspec reads and writes nested JSON
+# recursively, so Python's recursion limit bounds it anyway (a little under 1,000 levels,
+# depending on the stack): this fixed limit, well inside that, makes the answer the same
+# everywhere.
+MAX_BODY_DEPTH = 500
+
+
 def _too_deep(field: str) -> ApiError:
-    # msgspec reads and writes nested JSON recursively, so Python's recursion limit bounds
-    # it: a little under 1,000 levels, depending on how deep the stack already is.
-    return invalid(field, f"{field} nests arrays or objects too deeply (keep it under 500)")
+    return invalid(field, f"{field} nests arrays or objects deeper than {MAX_BODY_DEPTH} levels")
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` holds more than `limit` levels of arrays and objects (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def parse_enqueue(raw: bytes) -> tuple[list[wire.MessageIn], bool]:
@@ -168,8 +190,13 @@ def parse_enqueue(raw: bytes) -> tuple[list[wire.MessageIn], bool]:
         raise malformed(exc) from None
     except RecursionError:  # only `body` may hold nested JSON
         raise _too_deep("body") from None
+    # Fewer brackets in the whole request than the limit: no body can nest that deep.
+    deep = raw.count(b"[") + raw.count(b"{") > MAX_BODY_DEPTH
     for i, m in enumerate(messages):
-        _check_message(m, f"messages[{i}]." if is_batch else "")
+        prefix = f"messages[{i}]." if is_batch else ""
+        _check_message(m, prefix)
+        if deep and _nests_deeper_than(m.body, MAX_BODY_DEPTH):
+            raise _too_deep(prefix + "body")
     return messages, is_batch
 
 
