@@ -23,6 +23,7 @@ from typing import Any, Unpack
 from urllib.parse import quote
 
 import aiohttp
+import msgspec
 import orjson
 
 from ap4k.client.errors import Ap4kError, ServerUnavailable, api_error
@@ -34,8 +35,13 @@ from ap4k.client.models import (
     Message,
     MessageOptions,
     NewMessage,
+    Published,
     Queue,
     QueueSettings,
+    Schedule,
+    ScheduledMessage,
+    Subscription,
+    Topic,
 )
 from ap4k.client.retry import RetryPolicy, is_retryable_status, retry_after_seconds
 
@@ -119,7 +125,7 @@ class AsyncClient:
         self, queue: str, target: str, body: JSON = None, **options: Unpack[MessageOptions]
     ) -> Enqueued:
         """Enqueue one message; returns once the server has committed it."""
-        message = NewMessage(target, body, **options)
+        message = NewMessage(target, body=body, **options)
         return await self.send_message(queue, message)
 
     async def send_message(self, queue: str, message: NewMessage) -> Enqueued:
@@ -223,6 +229,65 @@ class AsyncClient:
         """Delete a queue's dead letters for good; returns how many."""
         data = await self._request("DELETE", _queue_path(queue, "dead"))
         return int(data.get("purged", 0))
+
+    # -- schedules and topics --------------------------------------------------------------
+
+    async def schedules(self) -> list[Schedule]:
+        data = await self._request("GET", "/v1/schedules")
+        return [Schedule.from_json(s) for s in data.get("schedules") or []]
+
+    async def schedule(self, name: str) -> Schedule:
+        return Schedule.from_json(await self._request("GET", _named_path("schedules", name)))
+
+    async def set_schedule(
+        self,
+        name: str,
+        queue: str,
+        cron: str,
+        message: ScheduledMessage | Mapping[str, JSON],
+        *,
+        timezone: str = "UTC",
+        paused: bool = False,
+    ) -> Schedule:
+        """Create or replace a recurring schedule: enqueue `message` to `queue` at every
+        time `cron` (5 fields) names in `timezone` (an IANA name)."""
+        payload = {
+            "queue": queue,
+            "cron": cron,
+            "timezone": timezone,
+            "paused": paused,
+            "message": msgspec.to_builtins(message),
+        }
+        data = await self._request("PUT", _named_path("schedules", name), payload)
+        return Schedule.from_json(data)
+
+    async def delete_schedule(self, name: str) -> None:
+        await self._request("DELETE", _named_path("schedules", name))
+
+    async def topics(self) -> list[Topic]:
+        data = await self._request("GET", "/v1/topics")
+        return [Topic.from_json(t) for t in data.get("topics") or []]
+
+    async def topic(self, name: str) -> Topic:
+        return Topic.from_json(await self._request("GET", _named_path("topics", name)))
+
+    async def set_topic(
+        self, name: str, subscriptions: Sequence[Subscription | Mapping[str, JSON]]
+    ) -> Topic:
+        """Create or replace a fan-out topic with these subscriptions."""
+        payload = {"subscriptions": [msgspec.to_builtins(s) for s in subscriptions]}
+        return Topic.from_json(await self._request("PUT", _named_path("topics", name), payload))
+
+    async def delete_topic(self, name: str) -> None:
+        await self._request("DELETE", _named_path("topics", name))
+
+    async def publish(self, topic: str, body: JSON = None, **options: JSON) -> Published:
+        """Publish a message (any message field but `target`) to every subscription."""
+        payload = {k: v for k, v in options.items() if v is not None}
+        if body is not None:
+            payload["body"] = body
+        path = _named_path("topics", topic) + "/messages"
+        return Published.from_json(await self._request("POST", path, payload))
 
     async def ready(self) -> bool:
         """True when the current server (or, failing that, another) answers /readyz."""
@@ -335,6 +400,12 @@ def _queue_path(queue: str, *parts: str) -> str:
     if not queue:
         raise ValueError("queue name must not be empty")
     return "/".join(["/v1/queues", quote(queue, safe=""), *parts])
+
+
+def _named_path(collection: str, name: str) -> str:
+    if not name:
+        raise ValueError("name must not be empty")
+    return f"/v1/{collection}/{quote(name, safe='')}"
 
 
 def _message_path(message_id: str) -> str:

@@ -79,7 +79,7 @@ async def run_outbox_bench(
             started = time.perf_counter()
             for start in range(0, messages, enqueue_batch):
                 count = min(enqueue_batch, messages - start)
-                batch = [NewMessage(target, {"n": start + i}) for i in range(count)]
+                batch = [NewMessage(target, body={"n": start + i}) for i in range(count)]
                 async with conn.transaction():
                     await outbox.enqueue_many(conn, queue, batch, notify=False)
             enqueue_seconds = time.perf_counter() - started

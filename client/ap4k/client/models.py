@@ -15,7 +15,7 @@ from typing import Any, Self, TypedDict, cast
 import msgspec
 
 from ap4k.core import wire
-from ap4k.core.wire import QueueDepth, QueueSettingsView
+from ap4k.core.wire import QueueDepth, QueueSettingsView, ScheduledMessage, Subscription
 
 JSON = Any  # any value `json.dumps` accepts
 MESSAGE_STATES = wire.STATES
@@ -29,10 +29,15 @@ __all__ = [
     "Message",
     "MessageOptions",
     "NewMessage",
+    "Published",
     "Queue",
     "QueueDepth",
     "QueueSettings",
     "QueueSettingsView",
+    "Schedule",
+    "ScheduledMessage",
+    "Subscription",
+    "Topic",
     "parse_time",
 ]
 
@@ -50,13 +55,15 @@ class MessageOptions(TypedDict, total=False):
 
     method: str
     headers: dict[str, str] | None
-    delay_seconds: float | None
-    not_before: datetime | None
     priority: int
-    dedup_key: str | None
     ordering_key: str | None
     max_attempts: int | None
     timeout_seconds: float | None
+    callback: str | None
+    failure_callback: str | None
+    delay_seconds: float | None
+    not_before: datetime | None
+    dedup_key: str | None
 
 
 class NewMessage(wire.MessageIn):
@@ -122,6 +129,18 @@ class DeadLetters(wire.DeadLetters, _FromJson):
     """One page of a queue's dead letters; pass `next` as `after` for the following page."""
 
     messages: list[Message]  # type: ignore[assignment]
+
+
+class Schedule(wire.ScheduleView, _FromJson):
+    """A recurring schedule as the server reports it (`next_fire_at`, `last_message_id`)."""
+
+
+class Topic(wire.TopicView, _FromJson):
+    pass
+
+
+class Published(wire.Published, _FromJson):
+    """The answer to a publish: the message each subscription got."""
 
 
 def parse_time(value: JSON) -> datetime | None:

@@ -124,7 +124,7 @@ class Client:
         self, queue: str, target: str, body: JSON = None, **options: Unpack[MessageOptions]
     ) -> Enqueued:
         """Enqueue one message; returns once the server has committed it."""
-        message = NewMessage(target, body, **options)
+        message = NewMessage(target, body=body, **options)
         return self.send_message(queue, message)
 
     def send_message(self, queue: str, message: NewMessage) -> Enqueued:

@@ -70,7 +70,7 @@ async def enqueue(
     `conn` is an asyncpg connection (or a psycopg 3 AsyncConnection). With `notify`, the
     forwarder is woken at commit; without, it finds the row at its next poll.
     """
-    message = NewMessage(target, body, **options)
+    message = NewMessage(target, body=body, **options)
     row = to_row(queue, message)
     statement = sql.ENQUEUE_NOTIFY if notify else sql.ENQUEUE
     if _is_asyncpg(conn):
@@ -119,7 +119,7 @@ def enqueue_sync(
     **options: Unpack[MessageOptions],
 ) -> int:
     """`enqueue` for a psycopg 3 (synchronous) connection, within its current transaction."""
-    message = NewMessage(target, body, **options)
+    message = NewMessage(target, body=body, **options)
     row = to_row(queue, message)
     statement = sql.ENQUEUE_NOTIFY if notify else sql.ENQUEUE
     with conn.cursor() as cur:

@@ -121,32 +121,68 @@ Verdict = Literal["delivered", "retry", "fail"]
 # -- messages ---------------------------------------------------------------------------------
 
 
-class MessageIn(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One message to enqueue: the HTTP request ap4k will make later, and how.
+class MessageBase(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What every message may say, however it is enqueued: the request ap4k will make
+    (`target`, `method`, `headers`, `body`: any JSON value, delivered as the JSON request
+    body; left out, none is sent), its `priority` and `ordering_key`, its retry policy, and
+    where to report its end: `callback` is POSTed to when it is delivered,
+    `failure_callback` when it lands in the dead letters (URLs, or paths on the queue's
+    base_url, checked like targets).
 
-    `target` is a URL, or a path joined to the queue's `base_url`. Give at most one of
-    `delay_seconds` and `not_before`. With a `dedup_key`, enqueueing is idempotent: the same
-    key in the same queue returns the existing message (that is what makes retries safe).
-    `body` is any JSON value, delivered as the JSON request body; left out, none is sent.
+    `target` is a URL, or a path joined to the queue's `base_url`: required in a message
+    (`MessageIn`) and a schedule's (`ScheduledMessage`), refused in one published to a topic
+    (`PublishedMessage`), whose subscriptions name the targets. (It is typed optional here
+    so that it can come first: `MessageIn(target, body)`.)
     """
 
-    target: Target
+    target: Target | UnsetType = UNSET
     body: Any = UNSET
     method: Method = "POST"
     headers: Headers | None = None
-    delay_seconds: DelaySeconds | None = None
-    not_before: Timestamp | None = None
     priority: Priority = 0
-    dedup_key: Key | None = None
     ordering_key: Key | None = None
     max_attempts: Attempts | None = None
     timeout_seconds: TimeoutSeconds | None = None
+    callback: Target | None = None
+    failure_callback: Target | None = None
 
-    def __post_init__(self) -> None:
+    @property
+    def url(self) -> str:
+        """The target, which a message has (its __post_init__ saw to that)."""
+        assert isinstance(self.target, str)
+        return self.target
+
+    def _require_target(self) -> None:
         # Runs when the server decodes a message and when an application builds one. The
-        # message says which field is at fault ("field: …"); see `validation_field`.
+        # message says which field is at fault ("field: …"); see `describe`.
         if not isinstance(self.target, str) or not self.target:
             raise ValueError("target: target is required: an http(s) URL or a path")
+
+
+class ScheduledMessage(MessageBase):
+    """The message a schedule enqueues at each fire time. No delay, `not_before` or
+    `dedup_key`: the fire time is the message's time, and its dedup key is the schedule's."""
+
+    def __post_init__(self) -> None:
+        self._require_target()
+
+
+class PublishedMessage(MessageBase):
+    """A message published to a topic (each subscription names the target). Give at most
+    one of `delay_seconds` and `not_before`. With a `dedup_key`, enqueueing is idempotent:
+    the same key in the same queue returns the existing message (that is what makes retries
+    safe); a topic applies it per subscription."""
+
+    delay_seconds: DelaySeconds | None = None
+    not_before: Timestamp | None = None
+    dedup_key: Key | None = None
+
+    def __post_init__(self) -> None:
+        if self.target is not UNSET:
+            raise ValueError("target: a topic's subscriptions name the targets; leave it out")
+        self._check_timing()
+
+    def _check_timing(self) -> None:
         if self.delay_seconds is not None:
             if self.not_before is not None:
                 raise ValueError("delay_seconds: give delay_seconds or not_before, not both")
@@ -154,6 +190,15 @@ class MessageIn(Struct, forbid_unknown_fields=True, omit_defaults=True):
                 raise ValueError("delay_seconds: delay_seconds must not be negative")
         if self.not_before is not None and self.not_before.tzinfo is None:
             raise ValueError("not_before: not_before must be timezone-aware")
+
+
+class MessageIn(PublishedMessage):
+    """One message to enqueue: the HTTP request ap4k will make later, and how (the fields
+    of `MessageBase` and `PublishedMessage`, `target` required)."""
+
+    def __post_init__(self) -> None:
+        self._require_target()
+        self._check_timing()
 
 
 class Batch(Struct, forbid_unknown_fields=True):
@@ -199,6 +244,8 @@ class MessageView(Struct):
     # start of its body.
     last_status: int | None = None
     last_response_excerpt: str | None = None
+    callback: str | None = None
+    failure_callback: str | None = None
 
 
 class Attempt(Struct):
@@ -325,6 +372,130 @@ class QueueView(Struct):
 
 class QueueList(Struct):
     queues: list[QueueView]
+
+
+# -- schedules, topics and callbacks ---------------------------------------------------------
+
+MAX_CRON_LENGTH = 256
+MAX_TIMEZONE_LENGTH = 64
+MAX_SUBSCRIPTIONS = 100
+
+# Schedules, topics and subscriptions are named like queues (the same URL-safe rule).
+Name = Annotated[str, Meta(pattern=QUEUE_NAME_PATTERN)]
+Cron = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_CRON_LENGTH,
+        pattern=NO_CONTROLS,
+        description="Standard 5-field cron: minute hour day-of-month month day-of-week.",
+        examples=["*/5 * * * *", "0 9 * * MON-FRI"],
+    ),
+]
+TimeZone = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_TIMEZONE_LENGTH,
+        pattern=NO_CONTROLS,
+        description="An IANA time zone name (Europe/Berlin); the cron is read in it.",
+    ),
+]
+
+
+class ScheduleIn(Struct, forbid_unknown_fields=True):
+    """The body of `PUT /v1/schedules/{name}`: at each time the cron names (read in
+    `timezone`), enqueue `message` to `queue`. Paused, it fires nothing."""
+
+    queue: QueueName
+    cron: Cron
+    message: ScheduledMessage
+    timezone: TimeZone = "UTC"
+    paused: bool = False
+
+
+class ScheduleView(Struct):
+    """A schedule as the server reports it: `next_fire_at` is the next time it fires (none
+    while paused); `last_message_id` the message its last firing enqueued; `last_error` why
+    its last firing enqueued nothing, if it did not."""
+
+    name: str
+    queue: str
+    cron: str
+    timezone: str
+    message: ScheduledMessage
+    paused: bool = False
+    next_fire_at: datetime | None = None
+    last_fired_at: datetime | None = None
+    last_message_id: str | None = None
+    last_error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class ScheduleList(Struct):
+    schedules: list[ScheduleView]
+
+
+class Deleted(Struct):
+    deleted: str
+
+
+class Subscription(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One receiver of a topic's messages: each gets its own message, in `queue` (the
+    topic's name when left out), with `headers` added to the published message's."""
+
+    name: Name
+    target: Target
+    queue: QueueName | None = None
+    headers: Headers | None = None
+
+
+class TopicIn(Struct, forbid_unknown_fields=True):
+    """The body of `PUT /v1/topics/{topic}`: its subscriptions, replacing any before."""
+
+    subscriptions: Annotated[list[Subscription], Meta(max_length=MAX_SUBSCRIPTIONS)]
+
+
+class TopicView(Struct):
+    name: str
+    subscriptions: list[Subscription]
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class TopicList(Struct):
+    topics: list[TopicView]
+
+
+class PublishedTo(Struct):
+    """The message one subscription got."""
+
+    subscription: str
+    id: str
+    state: str
+    duplicate: bool = False
+
+
+class Published(Struct):
+    """The answer to a publish: one message per subscription, all committed together."""
+
+    messages: list[PublishedTo]
+
+
+class CallbackBody(Struct):
+    """The JSON body of the POST to a message's `callback` (on delivery) or
+    `failure_callback` (on dead-lettering); its `Ap4k-Callback-For` header is the id too.
+    `status` and `response_excerpt` are the last attempt's HTTP status and the start of
+    its answer, when there was one."""
+
+    message_id: str
+    queue: str
+    state: str
+    attempts: int
+    status: int | None
+    response_excerpt: str | None
+    target: str
 
 
 # -- the carrier protocol -------------------------------------------------------------------

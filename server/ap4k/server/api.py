@@ -204,6 +204,8 @@ def _message_fields(r: asyncpg.Record) -> dict[str, Any]:
         "finalized_at": r["finalized_at"],
         "last_status": r["last_status"],
         "last_response_excerpt": r["last_response_excerpt"],
+        "callback": r["callback"],
+        "failure_callback": r["failure_callback"],
     }
 
 
@@ -269,6 +271,31 @@ def default_settings(name: str) -> QueueSettings:
 # -- messages ---------------------------------------------------------------------------------
 
 
+def checked_target(
+    directory: QueueDirectory, settings: QueueSettings, target: str, field: str
+) -> tuple[str, bool]:
+    """(absolute URL, explicitly allowed) for a target the queue allows; else a 400."""
+    try:
+        return directory.target(settings, target)
+    except TargetError as exc:
+        raise ApiError(400, "target_not_allowed", str(exc), field) from None
+
+
+def checked_callbacks(
+    directory: QueueDirectory, settings: QueueSettings, m: wire.MessageBase, prefix: str
+) -> tuple[str | None, str | None]:
+    """A message's callback URLs, absolute and checked like its target; else a 400."""
+    if m.callback is None and m.failure_callback is None:
+        return None, None
+    urls = []
+    for field, value in (("callback", m.callback), ("failure_callback", m.failure_callback)):
+        urls.append(
+            None if value is None else checked_target(directory, settings, value, prefix + field)[0]
+        )
+    return urls[0], urls[1]
+
+
+
 async def enqueue(request: web.Request) -> web.Response:
     services = _services(request)
     queue = check_queue_name(request.match_info["queue"])
@@ -278,12 +305,11 @@ async def enqueue(request: web.Request) -> web.Response:
     settings = settings or default_settings(queue)
     targets = []
     bodies = []
+    callbacks: list[tuple[str | None, str | None]] = []
     for i, m in enumerate(messages):
         prefix = f"messages[{i}]." if is_batch else ""
-        try:
-            targets.append(services.directory.target(settings, m.target))
-        except TargetError as exc:
-            raise ApiError(400, "target_not_allowed", str(exc), prefix + "target") from None
+        targets.append(checked_target(services.directory, settings, m.url, prefix + "target"))
+        callbacks.append(checked_callbacks(services.directory, settings, m, prefix))
         bodies.append(encode_body(m, prefix + "body"))
     if not exists:
         await services.store.ensure_queues([queue])
@@ -312,6 +338,8 @@ async def enqueue(request: web.Request) -> web.Response:
                 target=url,
                 body=bodies[i],
                 leased_by=identity if hand_off else None,
+                callback=callbacks[i][0],
+                failure_callback=callbacks[i][1],
             )
         )
     if dispatchers is None:

@@ -18,7 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from ap4k.core.embedded_pg import DataDirInUse, LocalCluster, default_data_dir
-from ap4k.server import metrics
+from ap4k.server import api_schedules_topics, metrics
 from ap4k.server.api import (
     BODY_TIMEOUT_SECONDS,
     MAX_BODY_BYTES,
@@ -36,6 +36,7 @@ from ap4k.server.leaser import Leaser
 from ap4k.server.maintenance import Maintenance
 from ap4k.server.outcomes import OutcomeRecorder
 from ap4k.server.queues import QueueDirectory
+from ap4k.server.schedules import Scheduler
 from ap4k.server.store import EnqueueRow, Store
 from ap4k.server.wakeups import Wakeups
 
@@ -57,6 +58,7 @@ class ServerSettings:
     migrate: bool = True
     prune_interval_seconds: float = 60.0
     gauges_interval_seconds: float = 5.0
+    schedule_interval_seconds: float = 1.0
     pool_size: int = 8
     # With `--workers N`, every worker listens on the port (SO_REUSEPORT).
     reuse_port: bool = False
@@ -134,12 +136,16 @@ class Server:
             await store.migrate()
         self.wakeups = wakeups = Wakeups()
         self.directory = directory = QueueDirectory(store)
+        self.scheduler = Scheduler(
+            store, directory, self._on_committed, interval=s.schedule_interval_seconds
+        )
         self.maintenance = Maintenance(
             store,
             wakeups,
             retention_seconds=s.retention_seconds,
             prune_interval=s.prune_interval_seconds,
             gauges_interval=s.gauges_interval_seconds,
+            schedules=self.scheduler,
         )
         self.recorder = OutcomeRecorder(store, wakeups, self.maintenance.poke_scheduler)
         self.leaser = Leaser(store, directory, self.recorder)
@@ -174,6 +180,7 @@ class Server:
         app[BODY_TIMEOUT_SECONDS] = s.body_timeout_seconds
         add_routes(app)
         add_console_routes(app)
+        api_schedules_topics.add_routes(app)
         self._runner = web.AppRunner(
             app,
             access_log=logging.getLogger("aiohttp.access") if s.access_log else None,

@@ -1,6 +1,7 @@
 """Background upkeep every server replica runs; all of it is safe to run concurrently.
 
 - the scheduler promotes due `scheduled` and `retryable` messages to `available`;
+- the schedules fire recurring schedules that are due (schedules.py);
 - the rescuer returns expired leases (a dispatcher or carrier died) to the queue;
 - the pruner deletes finished messages past their retention;
 - the gauges refresh queue depths for /metrics.
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ap4k.server import metrics
+from ap4k.server.schedules import Scheduler
 from ap4k.server.store import DB_ERRORS, STATES, Store
 from ap4k.server.wakeups import Wakeups
 
@@ -32,6 +34,7 @@ class Maintenance:
         rescue_interval: float = 2.0,
         prune_interval: float = 60.0,
         gauges_interval: float = 5.0,
+        schedules: Scheduler | None = None,
     ) -> None:
         self.store = store
         self.wakeups = wakeups
@@ -39,6 +42,7 @@ class Maintenance:
         self.rescue_interval = rescue_interval
         self.prune_interval = prune_interval
         self.gauges_interval = gauges_interval
+        self.schedules = schedules
         self._scheduler_poke = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._known_gauges: set[tuple[str, str]] = set()
@@ -54,6 +58,11 @@ class Maintenance:
             ("rescuer", self._every(self.rescue_interval, self.rescue)),
             ("pruner", self._every(self.prune_interval, self.prune)),
             ("gauges", self._every(self.gauges_interval, self.refresh_gauges)),
+            *(
+                [("schedules", self._every(self.schedules.interval, self.schedules.run_once))]
+                if self.schedules is not None
+                else []
+            ),
         ):
             self._tasks.append(loop.create_task(job(), name=f"ap4k-{name}"))
 

@@ -42,6 +42,15 @@ def _responses(ok: tuple[str, dict[str, Any], str], *errors: str) -> dict[str, A
     return out
 
 
+def _name_param(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": wire.QUEUE_NAME_PATTERN},
+    }
+
+
 QUEUE_PARAM = {
     "name": "queue",
     "in": "path",
@@ -85,6 +94,16 @@ WIRE_OBJECTS: tuple[type[msgspec.Struct], ...] = (
     wire.Extended,
     wire.ReleaseRequest,
     wire.Released,
+    wire.ScheduleIn,
+    wire.ScheduleView,
+    wire.ScheduleList,
+    wire.Deleted,
+    wire.TopicIn,
+    wire.TopicView,
+    wire.TopicList,
+    wire.PublishedMessage,
+    wire.Published,
+    wire.CallbackBody,
     wire.ErrorBody,
 )
 
@@ -94,11 +113,20 @@ def _schemas() -> dict[str, Any]:
         WIRE_OBJECTS, ref_template="#/components/schemas/{name}"
     )
     message_in = components["MessageIn"]
-    # What a type cannot say: one way to delay a message, not two.
-    message_in["not"] = {
-        "required": ["delay_seconds", "not_before"],
-        "properties": {"delay_seconds": {"type": "number"}, "not_before": {"type": "string"}},
-    }
+    # What a type cannot say: one way to delay a message, not two; a target where one is
+    # needed, none where the subscriptions name them (wire.MessageBase says why the type
+    # has it optional).
+    for name in ("MessageIn", "PublishedMessage"):
+        components[name]["not"] = {
+            "required": ["delay_seconds", "not_before"],
+            "properties": {
+                "delay_seconds": {"type": "number"},
+                "not_before": {"type": "string"},
+            },
+        }
+    for name in ("MessageIn", "ScheduledMessage"):
+        components[name]["required"] = ["target"]
+    del components["PublishedMessage"]["properties"]["target"]
     message_in["examples"] = [
         {"target": "https://example.com/hooks/order", "body": {"order": 42}},
         {
@@ -121,6 +149,20 @@ def _schemas() -> dict[str, Any]:
 
 def body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+# What ap4k POSTs to a message's callback (delivered) and failure_callback (dead letter).
+CALLBACKS = {
+    name: {
+        f"{{$request.body#/{field}}}": {
+            "post": {
+                "requestBody": body("CallbackBody"),
+                "responses": {"200": {"description": "Any 2xx; other answers are retried"}},
+            }
+        }
+    }
+    for name, field in (("delivered", "callback"), ("deadLettered", "failure_callback"))
+}
 
 
 @cache
@@ -168,6 +210,7 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "enqueue",
                 "summary": "Enqueue one message, or a batch of up to 1,000",
                 "parameters": [QUEUE_PARAM],
+                "callbacks": CALLBACKS,
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -369,6 +412,77 @@ def openapi_document() -> dict[str, Any]:
                     "400",
                     "413",
                 ),
+            }
+        },
+        "/v1/schedules": {
+            "get": {
+                "operationId": "listSchedules",
+                "responses": _responses(("200", _ref("ScheduleList"), "Every schedule")),
+            }
+        },
+        "/v1/schedules/{name}": {
+            "put": {
+                "operationId": "putSchedule",
+                "summary": "Create or replace a recurring schedule",
+                "parameters": [_name_param("name")],
+                "requestBody": body("ScheduleIn"),
+                "responses": _responses(
+                    ("200", _ref("ScheduleView"), "The schedule, with its next fire time"),
+                    "400",
+                    "413",
+                ),
+            },
+            "get": {
+                "operationId": "getSchedule",
+                "parameters": [_name_param("name")],
+                "responses": _responses(
+                    ("200", _ref("ScheduleView"), "The schedule"), "400", "404"
+                ),
+            },
+            "delete": {
+                "operationId": "deleteSchedule",
+                "parameters": [_name_param("name")],
+                "responses": _responses(("200", _ref("Deleted"), "Deleted"), "400", "404"),
+            },
+        },
+        "/v1/topics": {
+            "get": {
+                "operationId": "listTopics",
+                "responses": _responses(("200", _ref("TopicList"), "Every topic")),
+            }
+        },
+        "/v1/topics/{topic}": {
+            "put": {
+                "operationId": "putTopic",
+                "summary": "Create or replace a fan-out topic and its subscriptions",
+                "parameters": [_name_param("topic")],
+                "requestBody": body("TopicIn"),
+                "responses": _responses(("200", _ref("TopicView"), "The topic"), "400", "413"),
+            },
+            "get": {
+                "operationId": "getTopic",
+                "parameters": [_name_param("topic")],
+                "responses": _responses(("200", _ref("TopicView"), "The topic"), "400", "404"),
+            },
+            "delete": {
+                "operationId": "deleteTopic",
+                "parameters": [_name_param("topic")],
+                "responses": _responses(("200", _ref("Deleted"), "Deleted"), "400", "404"),
+            },
+        },
+        "/v1/topics/{topic}/messages": {
+            "post": {
+                "operationId": "publish",
+                "summary": "Publish a message: one message per subscription, in one transaction",
+                "parameters": [_name_param("topic")],
+                "requestBody": body("PublishedMessage"),
+                "responses": _responses(
+                    ("202", _ref("Published"), "Committed: one message per subscription"),
+                    "400",
+                    "404",
+                    "413",
+                ),
+                "callbacks": CALLBACKS,
             }
         },
     }

@@ -157,6 +157,9 @@ class OutcomeRecorder:
                 retried = True
             if row["ordering_key"] is not None and state != "retryable":
                 wake.add(queue)  # the next message with this key may go now
+            if row["called_back"]:
+                metrics.MESSAGES_ENQUEUED.labels(queue).inc()
+                wake.add(queue)  # its callback is available
         for report, future in batch:
             if not future.done():
                 future.set_result(report.id in accepted)

@@ -15,15 +15,15 @@ WITH input AS (
            coalesce(t.not_before, now() + make_interval(secs => coalesce(t.delay, 0))) AS due
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int[],
                   $7::text[], $8::text[], $9::int[], $10::real[], $11::float8[],
-                  $12::timestamptz[], $13::text[])
+                  $12::timestamptz[], $13::text[], $14::text[], $15::text[])
            WITH ORDINALITY AS t(queue, target, method, headers, body, priority, dedup_key,
                                 ordering_key, max_attempts, timeout_seconds, delay,
-                                not_before, leased_by, ord)
+                                not_before, leased_by, callback, failure_callback, ord)
 ), inserted AS (
     INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
                                lease_order, dedup_key, ordering_key, max_attempts,
                                timeout_seconds, scheduled_at, attempt, leased_by,
-                               attempted_at, lease_expires_at)
+                               attempted_at, lease_expires_at, callback, failure_callback)
     SELECT id, queue,
            (CASE WHEN leased_by IS NOT NULL THEN 'running'
                  WHEN due > now() THEN 'scheduled'
@@ -33,7 +33,8 @@ WITH input AS (
            CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
            CASE WHEN leased_by IS NOT NULL THEN now() END,
            CASE WHEN leased_by IS NOT NULL
-                THEN now() + make_interval(secs => greatest($14, 2 * timeout_seconds + 1)) END
+                THEN now() + make_interval(secs => greatest($16, 2 * timeout_seconds + 1)) END,
+           callback, failure_callback
       FROM input
      ORDER BY ord
         ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
@@ -59,12 +60,32 @@ SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_ke
 
 LEASE = "SELECT * FROM ap4k_lease($1, $2, $3, $4, $5, $6)"
 
+# A message's callback: an ordinary message in the same queue (retried, signed, guarded,
+# visible), with no callbacks of its own. Each outcome statement below inserts these in the
+# statement that records the outcome, so a crash can neither lose one nor make two. `{rows}`
+# is a query of the finished messages: (id, queue, state, attempt, status, excerpt, target,
+# url); rows without a url (most) insert nothing.
+CALLBACK_ROWS = "SELECT id, queue, state, attempt, status, excerpt, target, url FROM {source}"
+CALLBACKS = """
+INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
+                           lease_order, scheduled_at)
+SELECT nextval('ap4k_messages_id_seq'), f.queue, 'available', f.url, 'POST',
+       json_build_object('Ap4k-Callback-For', f.id::text)::text,
+       convert_to(json_build_object(
+           'message_id', f.id::text, 'queue', f.queue, 'state', f.state,
+           'attempts', f.attempt, 'status', f.status, 'response_excerpt', f.excerpt,
+           'target', f.target)::text, 'UTF8'),
+       0, ap4k_lease_order(0), now()
+  FROM ({rows}) AS f
+ WHERE f.url IS NOT NULL
+"""
+
 # Outcomes of deliveries, batched, from dispatchers and carriers alike. The decision is made
 # here, in one place: 2xx completes; a retryable failure waits out its backoff (Retry-After,
 # else exponential with jitter) while attempts remain; everything else is a dead letter.
 # The attempt number fences the lease: an outcome for a lease that expired (and was perhaps
 # leased again) or that belongs to someone else matches nothing and changes nothing.
-RECORD_OUTCOMES = """
+RECORD_OUTCOMES = f"""
 WITH o AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[], $5::text[],
                          $7::int[], $8::float8[], $9::text[])
@@ -103,7 +124,9 @@ WITH o AS (
        AND m.leased_by = $6
     RETURNING m.id, m.queue, m.state::text AS state, m.ordering_key, m.attempt,
               m.attempted_at, m.created_at, decided.error, decided.status,
-              decided.duration, decided.excerpt
+              decided.duration, decided.excerpt, m.target,
+              CASE m.state WHEN 'completed' THEN m.callback
+                           WHEN 'discarded' THEN m.failure_callback END AS url
 ), history AS (
     INSERT INTO ap4k_attempts (message_id, queue, attempt, at, duration_ms, outcome, status,
                                error, response_excerpt, made_by)
@@ -113,27 +136,38 @@ WITH o AS (
                       ELSE 'dead' END,
            status, error, excerpt, $6
       FROM updated
+), callbacks AS (
+    {CALLBACKS.format(rows=CALLBACK_ROWS.format(source="updated"))}
 )
-SELECT id, queue, state, ordering_key, extract(epoch FROM created_at)::float8 AS created_at
+SELECT id, queue, state, ordering_key, extract(epoch FROM created_at)::float8 AS created_at,
+       url IS NOT NULL AS called_back
   FROM updated
 """
 
 # The common case on its own: a batch of successful deliveries (fewer columns to send and
 # no policy to look up). The success's status and duration are kept on the message itself:
 # no history row.
-COMPLETE = """
-UPDATE ap4k_messages m
-   SET state = 'completed', finalized_at = now(), leased_by = NULL, lease_expires_at = NULL,
-       last_error = NULL, delivered_status = o.status, delivered_duration_ms = o.duration_ms
-  FROM unnest($1::bigint[], $2::int[], $4::smallint[], $5::real[])
-       AS o(id, attempt, status, duration_ms)
- WHERE m.id = o.id
-   AND m.attempt = o.attempt
-   AND m.state = 'running'
-   AND m.leased_by = $3
-   AND m.lease_expires_at > now()
-RETURNING m.id, m.queue, 'completed' AS state, m.ordering_key,
-          extract(epoch FROM m.created_at)::float8 AS created_at
+COMPLETE = f"""
+WITH completed AS (
+    UPDATE ap4k_messages m
+       SET state = 'completed', finalized_at = now(), leased_by = NULL,
+           lease_expires_at = NULL, last_error = NULL, delivered_status = o.status,
+           delivered_duration_ms = o.duration_ms
+      FROM unnest($1::bigint[], $2::int[], $4::smallint[], $5::real[])
+           AS o(id, attempt, status, duration_ms)
+     WHERE m.id = o.id
+       AND m.attempt = o.attempt
+       AND m.state = 'running'
+       AND m.leased_by = $3
+       AND m.lease_expires_at > now()
+    RETURNING m.id, m.queue, 'completed' AS state, m.ordering_key, m.created_at, m.attempt,
+              m.target, o.status::int AS status, NULL::text AS excerpt, m.callback AS url
+), callbacks AS (
+    {CALLBACKS.format(rows=CALLBACK_ROWS.format(source="completed"))}
+)
+SELECT id, queue, state, ordering_key, extract(epoch FROM created_at)::float8 AS created_at,
+       url IS NOT NULL AS called_back
+  FROM completed
 """
 
 # Give leased but undelivered messages back (drain, or a carrier letting go).
@@ -167,7 +201,7 @@ RETURNING m.id, m.lease_expires_at
 
 # The rescuer (Oban's Lifeline): leases that expired belong to a worker that died or hung.
 # The attempt counts; the message is retried at once, or dead-lettered when attempts are spent.
-RESCUE_EXPIRED = """
+RESCUE_EXPIRED = f"""
 WITH expired AS (
     SELECT id, leased_by FROM ap4k_messages
      WHERE state = 'running' AND lease_expires_at < now()
@@ -186,12 +220,15 @@ WITH expired AS (
       FROM expired, ap4k_queues q
      WHERE m.id = expired.id AND q.name = m.queue
     RETURNING m.id, m.queue, m.state::text AS state, m.attempt, m.attempted_at, m.last_error,
-              expired.leased_by
+              expired.leased_by, NULL::int AS status, NULL::text AS excerpt, m.target,
+              CASE WHEN m.state = 'discarded' THEN m.failure_callback END AS url
 ), history AS (
     INSERT INTO ap4k_attempts (message_id, queue, attempt, at, outcome, error, made_by)
     SELECT id, queue, attempt, attempted_at,
            CASE state WHEN 'retryable' THEN 'retried' ELSE 'dead' END, last_error, leased_by
       FROM rescued
+), callbacks AS (
+    {CALLBACKS.format(rows=CALLBACK_ROWS.format(source="rescued"))}
 )
 SELECT queue, state FROM rescued
 """
@@ -268,7 +305,7 @@ MESSAGE_COLUMNS = """
 id, queue, state::text AS state, target, method, headers, body, priority, dedup_key,
 ordering_key, attempt, coalesce(max_attempts, (SELECT q.max_attempts FROM ap4k_queues q
 WHERE q.name = queue)) AS max_attempts, timeout_seconds, last_error, created_at,
-scheduled_at, attempted_at, finalized_at,
+scheduled_at, attempted_at, finalized_at, callback, failure_callback,
 CASE WHEN state = 'completed' THEN delivered_status
      WHEN last_error IS NOT NULL THEN (SELECT a.status FROM ap4k_attempts a
           WHERE a.message_id = ap4k_messages.id ORDER BY a.seq DESC LIMIT 1) END AS last_status,
@@ -363,6 +400,68 @@ UPDATE_QUEUE_TEMPLATE = """
 UPDATE ap4k_queues SET {assignments}, updated_at = now() WHERE name = $1
 RETURNING {columns}
 """
+
+# -- schedules --------------------------------------------------------------------------------
+
+SCHEDULE_COLUMNS = """
+name, queue, cron, timezone, message, paused, next_fire_at, last_fired_at, last_message_id,
+last_error, created_at, updated_at
+"""
+
+# Saving a schedule sets its next fire time, except when it was running on the same cron
+# and time zone and still is: then a time that is due but not fired yet is kept.
+PUT_SCHEDULE = f"""
+INSERT INTO ap4k_schedules AS s (name, queue, cron, timezone, message, paused, next_fire_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (name) DO UPDATE
+   SET queue = excluded.queue, cron = excluded.cron, timezone = excluded.timezone,
+       message = excluded.message, paused = excluded.paused,
+       next_fire_at = CASE WHEN NOT s.paused AND NOT excluded.paused
+                            AND s.cron = excluded.cron AND s.timezone = excluded.timezone
+                           THEN s.next_fire_at ELSE excluded.next_fire_at END,
+       last_error = NULL, updated_at = now()
+RETURNING {SCHEDULE_COLUMNS}
+"""
+
+GET_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM ap4k_schedules WHERE name = $1"
+LIST_SCHEDULES = f"SELECT {SCHEDULE_COLUMNS} FROM ap4k_schedules ORDER BY name"
+DELETE_SCHEDULE = "DELETE FROM ap4k_schedules WHERE name = $1"
+
+# Locked for the firing's transaction: a replica that finds a schedule locked leaves it to
+# the one firing it.
+DUE_SCHEDULES = """
+SELECT name, queue, cron, timezone, message, next_fire_at
+  FROM ap4k_schedules
+ WHERE NOT paused AND next_fire_at <= $1
+ ORDER BY next_fire_at
+ LIMIT 100
+   FOR UPDATE SKIP LOCKED
+"""
+
+RECORD_FIRINGS = """
+UPDATE ap4k_schedules s
+   SET next_fire_at = f.next_fire_at,
+       last_fired_at = f.fired_at,
+       last_message_id = coalesce(f.message_id, s.last_message_id),
+       last_error = f.error
+  FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], $5::text[])
+       AS f(name, next_fire_at, fired_at, message_id, error)
+ WHERE s.name = f.name
+"""
+
+# -- topics -----------------------------------------------------------------------------------
+
+TOPIC_COLUMNS = "name, subscriptions, created_at, updated_at"
+
+PUT_TOPIC = f"""
+INSERT INTO ap4k_topics AS t (name, subscriptions) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET subscriptions = excluded.subscriptions, updated_at = now()
+RETURNING {TOPIC_COLUMNS}
+"""
+
+GET_TOPIC = f"SELECT {TOPIC_COLUMNS} FROM ap4k_topics WHERE name = $1"
+LIST_TOPICS = f"SELECT {TOPIC_COLUMNS} FROM ap4k_topics ORDER BY name"
+DELETE_TOPIC = "DELETE FROM ap4k_topics WHERE name = $1"
 
 NOTIFY = "SELECT pg_notify($1, $2)"
 WAKEUP_CHANNEL = "ap4k_wakeup"

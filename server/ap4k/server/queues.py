@@ -71,3 +71,7 @@ class QueueDirectory:
                 self._targets.clear()
             self._targets[key] = hit
         return hit
+
+    def callback(self, settings: QueueSettings, target: str | None) -> str | None:
+        """The absolute URL of a message's callback, checked like a target (TargetError)."""
+        return None if target is None else self.target(settings, target)[0]

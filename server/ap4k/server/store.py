@@ -5,8 +5,9 @@ Every statement lives in `queries.py`; this module binds parameters and shapes r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -106,6 +107,8 @@ class EnqueueRow:
     target: str  # the absolute URL the message's target resolved to
     body: bytes | None  # JSON
     leased_by: str | None = None  # handed straight to this dispatcher
+    callback: str | None = None  # absolute URLs, checked like the target
+    failure_callback: str | None = None
 
 
 def _enqueue_columns(rows: Sequence[EnqueueRow]) -> list[list[Any]]:
@@ -125,7 +128,25 @@ def _enqueue_columns(rows: Sequence[EnqueueRow]) -> list[list[Any]]:
         [m.delay_seconds for m in messages],
         [m.not_before for m in messages],
         [r.leased_by for r in rows],
+        [r.callback for r in rows],
+        [r.failure_callback for r in rows],
     ]
+
+
+@dataclass(slots=True)
+class ScheduleFiring:
+    """One schedule fired: for which time, when it fires next, and what it enqueued (the
+    row and its (id, state, duplicate)), or why it enqueued nothing."""
+
+    name: str
+    fire_at: datetime
+    next_fire_at: datetime
+    row: EnqueueRow | None = None
+    result: tuple[int, str, bool] | None = None
+    error: str | None = None
+
+
+PlanFirings = Callable[[list[asyncpg.Record], datetime], Awaitable[list[ScheduleFiring]]]
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
@@ -182,29 +203,35 @@ class Store:
     ) -> list[tuple[int, str, bool]]:
         """Insert rows in one statement; per row (id, state, duplicate), in input order."""
         async with self.pool.acquire() as conn:
-            results: list[tuple[int, str, bool] | None] = [None] * len(rows)
-            todo = list(range(len(rows)))
-            # A row whose dedup key was committed concurrently with the INSERT is skipped
-            # and looked up afterwards; if that original was purged or pruned in between,
-            # the row goes in again (the original is gone: this is no longer a duplicate).
-            for _ in range(10):
-                columns = _enqueue_columns([rows[i] for i in todo])
-                records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
-                vanished = []
-                for i, r in zip(todo, records, strict=True):
-                    if r["id"] is not None:
-                        results[i] = (r["id"], r["state"], r["duplicate"])
-                        continue
-                    again = await conn.fetchrow(
-                        queries.FIND_BY_DEDUP_KEY, rows[i].queue, rows[i].message.dedup_key
-                    )
-                    if again is None:
-                        vanished.append(i)
-                    else:
-                        results[i] = (again["id"], again["state"], True)
-                if not vanished:
-                    return [r for r in results if r is not None]
-                todo = vanished
+            return await self._enqueue(conn, rows, lease_seconds)
+
+    @staticmethod
+    async def _enqueue(
+        conn: asyncpg.Connection, rows: Sequence[EnqueueRow], lease_seconds: float = 30.0
+    ) -> list[tuple[int, str, bool]]:
+        results: list[tuple[int, str, bool] | None] = [None] * len(rows)
+        todo = list(range(len(rows)))
+        # A row whose dedup key was committed concurrently with the INSERT is skipped
+        # and looked up afterwards; if that original was purged or pruned in between,
+        # the row goes in again (the original is gone: this is no longer a duplicate).
+        for _ in range(10):
+            columns = _enqueue_columns([rows[i] for i in todo])
+            records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
+            vanished = []
+            for i, r in zip(todo, records, strict=True):
+                if r["id"] is not None:
+                    results[i] = (r["id"], r["state"], r["duplicate"])
+                    continue
+                again = await conn.fetchrow(
+                    queries.FIND_BY_DEDUP_KEY, rows[i].queue, rows[i].message.dedup_key
+                )
+                if again is None:
+                    vanished.append(i)
+                else:
+                    results[i] = (again["id"], again["state"], True)
+            if not vanished:
+                return [r for r in results if r is not None]
+            todo = vanished
         raise asyncpg.exceptions.SerializationError(
             "a dedup key kept changing under the enqueue; retry later"
         )
@@ -238,7 +265,8 @@ class Store:
         durations: Sequence[float | None],
         excerpts: Sequence[str | None],
     ) -> list[asyncpg.Record]:
-        """Record failed (or other) outcomes, each with its row in the attempt history."""
+        """Record failed (or other) outcomes, each with its row in the attempt history, and
+        enqueue the callbacks they call for."""
         async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
                 queries.RECORD_OUTCOMES,
@@ -262,6 +290,7 @@ class Store:
         statuses: Sequence[int | None],
         durations_ms: Sequence[float | None],
     ) -> list[asyncpg.Record]:
+        """Record successful deliveries; enqueue the callbacks they call for."""
         async with self.dispatch_pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(
                 queries.COMPLETE, ids, attempts, leased_by, statuses, durations_ms
@@ -433,3 +462,82 @@ class Store:
                 record = await conn.fetchrow(sql, name, *values)
         assert record is not None
         return QueueSettings.from_record(record)
+
+    # -- schedules ------------------------------------------------------------------------
+
+    async def put_schedule(
+        self, name: str, schedule: wire.ScheduleIn, next_fire_at: datetime | None
+    ) -> asyncpg.Record:
+        async with self.pool.acquire() as conn:
+            record: asyncpg.Record = await conn.fetchrow(
+                queries.PUT_SCHEDULE,
+                name,
+                schedule.queue,
+                schedule.cron,
+                schedule.timezone,
+                msgspec.json.encode(schedule.message).decode(),
+                schedule.paused,
+                next_fire_at,
+            )
+            return record
+
+    async def get_schedule(self, name: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(queries.GET_SCHEDULE, name)
+
+    async def list_schedules(self) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_SCHEDULES)
+            return rows
+
+    async def delete_schedule(self, name: str) -> bool:
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(queries.DELETE_SCHEDULE, name)
+        return status.endswith(" 1")
+
+    async def fire_schedules(self, now: datetime, plan: PlanFirings) -> list[ScheduleFiring]:
+        """In one transaction: lock the schedules due at `now` (others' locked ones are
+        skipped: another replica is firing them), enqueue what `plan` makes of them, and
+        record each firing."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            due = await conn.fetch(queries.DUE_SCHEDULES, now)
+            if not due:
+                return []
+            firings = await plan(due, now)
+            made = [f for f in firings if f.row is not None]
+            if made:
+                results = await self._enqueue(conn, [f.row for f in made if f.row is not None])
+                for firing, result in zip(made, results, strict=True):
+                    firing.result = result
+            await conn.execute(
+                queries.RECORD_FIRINGS,
+                [f.name for f in firings],
+                [f.next_fire_at for f in firings],
+                [f.fire_at for f in firings],
+                [None if f.result is None else f.result[0] for f in firings],
+                [f.error for f in firings],
+            )
+            return firings
+
+    # -- topics ---------------------------------------------------------------------------
+
+    async def put_topic(self, name: str, topic: wire.TopicIn) -> asyncpg.Record:
+        async with self.pool.acquire() as conn:
+            record: asyncpg.Record = await conn.fetchrow(
+                queries.PUT_TOPIC, name, msgspec.json.encode(topic.subscriptions).decode()
+            )
+            return record
+
+    async def get_topic(self, name: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(queries.GET_TOPIC, name)
+
+    async def list_topics(self) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_TOPICS)
+            return rows
+
+    async def delete_topic(self, name: str) -> bool:
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(queries.DELETE_TOPIC, name)
+        return status.endswith(" 1")

@@ -111,29 +111,31 @@ def _url_problem(value: str) -> str | None:
     return None
 
 
-def _check_message(m: wire.MessageIn, prefix: str) -> None:
-    """What the wire types cannot say; normalises the method and not_before in place."""
-    problem = _url_problem(m.target)
+def _check_url(value: str | None, field: str) -> None:
+    problem = None if value is None else _url_problem(value)
     if problem is not None:
-        raise invalid(prefix + "target", f"target {problem}")
+        raise invalid(field, f"{field.rpartition('.')[2]} {problem}")
+
+
+def check_headers(headers: dict[str, str] | None, field: str) -> None:
+    for name in headers or ():
+        lowered = name.lower()
+        if lowered in RESERVED_HEADERS or lowered.startswith("ap4k-"):
+            raise invalid(field, f"header {name!r} is set by ap4k and cannot be overridden")
+
+
+def _check_message(m: wire.MessageBase, prefix: str) -> None:
+    """What the wire types cannot say; normalises the method and not_before in place."""
+    if isinstance(m, wire.MessageIn | wire.ScheduledMessage):
+        _check_url(m.url, prefix + "target")
+    _check_url(m.callback, prefix + "callback")
+    _check_url(m.failure_callback, prefix + "failure_callback")
     method = m.method.upper()
     if method not in wire.METHODS:
         raise invalid(prefix + "method", f"method must be one of {list(wire.METHODS)}")
     m.method = method
-    if m.headers:
-        for name, value in m.headers.items():
-            lowered = name.lower()
-            if lowered in RESERVED_HEADERS or lowered.startswith("ap4k-"):
-                raise invalid(
-                    prefix + "headers", f"header {name!r} is set by ap4k and cannot be overridden"
-                )
-            if len(name) + len(value.encode()) > MAX_HEADER_FIELD_BYTES:
-                raise invalid(
-                    prefix + "headers",
-                    f"header {name!r} is longer than {MAX_HEADER_FIELD_BYTES} bytes (name and "
-                    "UTF-8 value): its delivery would be refused",
-                )
-    if m.not_before is not None:
+    check_headers(m.headers, prefix + "headers")
+    if isinstance(m, wire.PublishedMessage) and m.not_before is not None:
         if m.not_before.year > 9000:
             raise invalid(prefix + "not_before", "not_before is too far in the future")
         try:
@@ -200,7 +202,7 @@ def parse_enqueue(raw: bytes) -> tuple[list[wire.MessageIn], bool]:
     return messages, is_batch
 
 
-def encode_body(m: wire.MessageIn, field: str = "body") -> bytes | None:
+def encode_body(m: wire.MessageBase, field: str = "body") -> bytes | None:
     """The message's body as stored: JSON bytes, or None when it has none."""
     try:
         return None if m.body is msgspec.UNSET else msgspec.json.encode(m.body)
@@ -272,3 +274,59 @@ ACKS = msgspec.json.Decoder(wire.AckRequest)
 EXTEND = msgspec.json.Decoder(wire.ExtendRequest)
 RELEASE = msgspec.json.Decoder(wire.ReleaseRequest)
 REDRIVE = msgspec.json.Decoder(wire.IdList)
+
+
+# -- schedules and topics ---------------------------------------------------------------------
+
+_SCHEDULE = msgspec.json.Decoder(wire.ScheduleIn)
+_TOPIC = msgspec.json.Decoder(wire.TopicIn)
+_PUBLISHED = msgspec.json.Decoder(wire.PublishedMessage)
+
+
+def check_name(name: str, what: str) -> str:
+    """A schedule's, topic's or subscription's name: the queue name rule."""
+    if not QUEUE_NAME.fullmatch(name):
+        raise invalid(
+            what,
+            f"{what} names are 1-128 characters of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit",
+        )
+    return name
+
+
+def parse_schedule(raw: bytes) -> wire.ScheduleIn:
+    """The body of PUT /v1/schedules/{name}; the cron and time zone are checked by the
+    caller (`schedules.check`), which knows what they mean."""
+    schedule = decode(_SCHEDULE, raw)
+    check_queue_name_field(schedule.queue, "queue")
+    _check_message(schedule.message, "message.")
+    return schedule
+
+
+def check_queue_name_field(name: str, field: str) -> None:
+    if not QUEUE_NAME.fullmatch(name):
+        raise invalid(field, f"{field} must be a queue name")
+
+
+def parse_topic(raw: bytes) -> wire.TopicIn:
+    """The body of PUT /v1/topics/{topic}: subscriptions with distinct names."""
+    topic = decode(_TOPIC, raw)
+    seen: set[str] = set()
+    for i, sub in enumerate(topic.subscriptions):
+        prefix = f"subscriptions[{i}]."
+        check_name(sub.name, prefix + "name")
+        if sub.name in seen:
+            raise invalid(prefix + "name", f"subscription {sub.name!r} is named twice")
+        seen.add(sub.name)
+        if sub.queue is not None:
+            check_queue_name_field(sub.queue, prefix + "queue")
+        _check_url(sub.target, prefix + "target")
+        check_headers(sub.headers, prefix + "headers")
+    return topic
+
+
+def parse_published(raw: bytes) -> wire.PublishedMessage:
+    """The body of POST /v1/topics/{topic}/messages: a message without a target."""
+    message = decode(_PUBLISHED, raw)
+    _check_message(message, "")
+    return message
