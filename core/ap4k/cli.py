@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "ap4k.operator.cli",
     "ap4k.client.cli",
     "ap4k.client.commands",
+    "ap4k.client.schedule_commands",
     "ap4k.bench.cli",
 )
 

@@ -115,3 +115,30 @@ async def test_serve_takes_its_settings_from_ap4k_environment_variables(
             process.wait(10)
     log = log_path.read_text(errors="replace")
     assert f"127.0.0.1:{port} with 0 dispatchers" in log, log
+
+
+async def test_schedules_from_the_command_line(api: Api) -> None:
+    server = ["--server", api.base_url]
+    saved = await ap4k(
+        "schedules", "set", "hourly", "--queue", "reports", "--cron", "0 * * * *",
+        "--timezone", "Europe/Berlin", "--target", "https://example.com/r",
+        "--body", '{"kind": "hourly"}', "--json", *server,
+    )  # fmt: skip
+    assert saved.code == 0, saved
+    message = saved.json()["message"]
+    assert (message["target"], message["body"]) == ("https://example.com/r", {"kind": "hourly"})
+    listed = await ap4k("schedules", "list", *server)
+    assert listed.code == 0, listed
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "QUEUE", "CRON", "TIMEZONE"]
+    assert row.split()[:2] == ["hourly", "reports"] and "Europe/Berlin" in row
+    bad = await ap4k(
+        "schedules", "set", "x", "--queue", "q", "--cron", "* *", "--target", "https://e.x/",
+        *server,
+    )  # fmt: skip
+    assert bad.code == 1 and "cron" in bad.stderr, bad
+    deleted = await ap4k("schedules", "delete", "hourly", *server)
+    assert deleted.code == 0 and deleted.json() == {"deleted": "hourly"}
+    gone = await ap4k("schedules", "delete", "hourly", *server)
+    assert gone.code == 1 and "not_found" in gone.stderr
+    assert (await ap4k("schedules", "list", "--json", *server)).json() == []

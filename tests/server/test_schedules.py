@@ -215,3 +215,4 @@ async def test_bad_schedule_name_is_refused(api: Api) -> None:
     status, error = await api.call("PUT", "/v1/schedules/-x", GOOD)
     assert status == 400 and error["error"]["field"] == "name"
     assert (await api.ok("GET", "/v1/schedules")) == {"schedules": []}
+
