@@ -7,6 +7,7 @@ store, answer with a wire object.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -43,6 +44,29 @@ async def _settings(request: web.Request, queue: str) -> QueueSettings:
     return found or default_settings(queue)
 
 
+# The path parameter names what is found: {name} a schedule, {topic} a topic.
+WHAT = {"name": "schedule", "topic": "topic"}
+
+
+async def _found(
+    request: web.Request, param: str, fetch: Callable[[str], Awaitable[asyncpg.Record | None]]
+) -> asyncpg.Record:
+    """The schedule or topic the path names, or a 404."""
+    record = await fetch(check_name(request.match_info[param], param))
+    if record is None:
+        raise not_found(WHAT[param])
+    return record
+
+
+async def _deleted(
+    request: web.Request, param: str, delete: Callable[[str], Awaitable[bool]]
+) -> web.Response:
+    name = check_name(request.match_info[param], param)
+    if not await delete(name):
+        raise not_found(WHAT[param])
+    return json_response(wire.Deleted(name))
+
+
 # -- schedules --------------------------------------------------------------------------------
 
 
@@ -76,11 +100,8 @@ async def put_schedule(request: web.Request) -> web.Response:
 
 
 async def get_schedule(request: web.Request) -> web.Response:
-    name = check_name(request.match_info["name"], "name")
-    record = await _services(request).store.get_schedule(name)
-    if record is None:
-        raise not_found("schedule")
-    return json_response(schedule_view(record))
+    store = _services(request).store
+    return json_response(schedule_view(await _found(request, "name", store.get_schedule)))
 
 
 async def list_schedules(request: web.Request) -> web.Response:
@@ -89,10 +110,7 @@ async def list_schedules(request: web.Request) -> web.Response:
 
 
 async def delete_schedule(request: web.Request) -> web.Response:
-    name = check_name(request.match_info["name"], "name")
-    if not await _services(request).store.delete_schedule(name):
-        raise not_found("schedule")
-    return json_response(wire.Deleted(name))
+    return await _deleted(request, "name", _services(request).store.delete_schedule)
 
 
 # -- topics -----------------------------------------------------------------------------------
@@ -118,11 +136,8 @@ async def put_topic(request: web.Request) -> web.Response:
 
 
 async def get_topic(request: web.Request) -> web.Response:
-    name = check_name(request.match_info["topic"], "topic")
-    record = await _services(request).store.get_topic(name)
-    if record is None:
-        raise not_found("topic")
-    return json_response(topic_view(record))
+    store = _services(request).store
+    return json_response(topic_view(await _found(request, "topic", store.get_topic)))
 
 
 async def list_topics(request: web.Request) -> web.Response:
@@ -131,20 +146,15 @@ async def list_topics(request: web.Request) -> web.Response:
 
 
 async def delete_topic(request: web.Request) -> web.Response:
-    name = check_name(request.match_info["topic"], "topic")
-    if not await _services(request).store.delete_topic(name):
-        raise not_found("topic")
-    return json_response(wire.Deleted(name))
+    return await _deleted(request, "topic", _services(request).store.delete_topic)
 
 
 async def publish(request: web.Request) -> web.Response:
     """One message per subscription, all in one INSERT statement (one transaction)."""
     services = _services(request)
-    name = check_name(request.match_info["topic"], "topic")
     message = parse_published(await _json_body(request))
-    record = await services.store.get_topic(name)
-    if record is None:
-        raise not_found("topic")
+    record = await _found(request, "topic", services.store.get_topic)
+    name = record["name"]
     subscriptions = _SUBSCRIPTIONS.decode(record["subscriptions"])
     rows = []
     created = set()

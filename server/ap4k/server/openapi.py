@@ -51,6 +51,41 @@ def _name_param(name: str) -> dict[str, Any]:
     }
 
 
+def _named_resource(
+    collection: str, param: str, kind: str, what: str
+) -> dict[str, Any]:
+    """The paths of a resource kept by name: list it all, put, get and delete one."""
+    parameters = [_name_param(param)]
+    view = _ref(f"{kind}View")
+    return {
+        f"/v1/{collection}": {
+            "get": {
+                "operationId": f"list{kind}s",
+                "responses": _responses(("200", _ref(f"{kind}List"), f"Every {kind.lower()}")),
+            }
+        },
+        f"/v1/{collection}/{{{param}}}": {
+            "put": {
+                "operationId": f"put{kind}",
+                "summary": f"Create or replace {what}",
+                "parameters": parameters,
+                "requestBody": body(f"{kind}In"),
+                "responses": _responses(("200", view, f"The {kind.lower()}"), "400", "413"),
+            },
+            "get": {
+                "operationId": f"get{kind}",
+                "parameters": parameters,
+                "responses": _responses(("200", view, f"The {kind.lower()}"), "400", "404"),
+            },
+            "delete": {
+                "operationId": f"delete{kind}",
+                "parameters": parameters,
+                "responses": _responses(("200", _ref("Deleted"), "Deleted"), "400", "404"),
+            },
+        },
+    }
+
+
 QUEUE_PARAM = {
     "name": "queue",
     "in": "path",
@@ -414,62 +449,8 @@ def openapi_document() -> dict[str, Any]:
                 ),
             }
         },
-        "/v1/schedules": {
-            "get": {
-                "operationId": "listSchedules",
-                "responses": _responses(("200", _ref("ScheduleList"), "Every schedule")),
-            }
-        },
-        "/v1/schedules/{name}": {
-            "put": {
-                "operationId": "putSchedule",
-                "summary": "Create or replace a recurring schedule",
-                "parameters": [_name_param("name")],
-                "requestBody": body("ScheduleIn"),
-                "responses": _responses(
-                    ("200", _ref("ScheduleView"), "The schedule, with its next fire time"),
-                    "400",
-                    "413",
-                ),
-            },
-            "get": {
-                "operationId": "getSchedule",
-                "parameters": [_name_param("name")],
-                "responses": _responses(
-                    ("200", _ref("ScheduleView"), "The schedule"), "400", "404"
-                ),
-            },
-            "delete": {
-                "operationId": "deleteSchedule",
-                "parameters": [_name_param("name")],
-                "responses": _responses(("200", _ref("Deleted"), "Deleted"), "400", "404"),
-            },
-        },
-        "/v1/topics": {
-            "get": {
-                "operationId": "listTopics",
-                "responses": _responses(("200", _ref("TopicList"), "Every topic")),
-            }
-        },
-        "/v1/topics/{topic}": {
-            "put": {
-                "operationId": "putTopic",
-                "summary": "Create or replace a fan-out topic and its subscriptions",
-                "parameters": [_name_param("topic")],
-                "requestBody": body("TopicIn"),
-                "responses": _responses(("200", _ref("TopicView"), "The topic"), "400", "413"),
-            },
-            "get": {
-                "operationId": "getTopic",
-                "parameters": [_name_param("topic")],
-                "responses": _responses(("200", _ref("TopicView"), "The topic"), "400", "404"),
-            },
-            "delete": {
-                "operationId": "deleteTopic",
-                "parameters": [_name_param("topic")],
-                "responses": _responses(("200", _ref("Deleted"), "Deleted"), "400", "404"),
-            },
-        },
+        **_named_resource("schedules", "name", "Schedule", "a recurring schedule"),
+        **_named_resource("topics", "topic", "Topic", "a fan-out topic and its subscriptions"),
         "/v1/topics/{topic}/messages": {
             "post": {
                 "operationId": "publish",
