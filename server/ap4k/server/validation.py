@@ -118,10 +118,16 @@ def _check_url(value: str | None, field: str) -> None:
 
 
 def check_headers(headers: dict[str, str] | None, field: str) -> None:
-    for name in headers or ():
+    for name, value in (headers or {}).items():
         lowered = name.lower()
         if lowered in RESERVED_HEADERS or lowered.startswith("ap4k-"):
             raise invalid(field, f"header {name!r} is set by ap4k and cannot be overridden")
+        if len(name) + len(value.encode()) > MAX_HEADER_FIELD_BYTES:
+            raise invalid(
+                field,
+                f"header {name!r} is longer than {MAX_HEADER_FIELD_BYTES} bytes (name and "
+                "UTF-8 value): its delivery would be refused",
+            )
 
 
 def _check_message(m: wire.MessageBase, prefix: str) -> None:
