@@ -46,6 +46,7 @@ MAX_ALLOWED_TARGETS = 100
 MAX_LEASE_IDS = 10_000
 MAX_LEASE_ATTEMPT = 1_000_000
 MAX_PAGE = 1000  # messages per page (browsing, dead letters)
+MAX_THROUGHPUT_WINDOW = 3600.0  # seconds GET /v1/throughput looks back at most
 EXCERPT_LENGTH = 1024  # characters of a failed answer's body kept in the attempt history
 
 # Patterns end in `$(?!\\n)`: msgspec matches with Python's `re`, whose `$` also matches before
@@ -372,6 +373,19 @@ class QueueView(Struct):
 
 class QueueList(Struct):
     queues: list[QueueView]
+
+
+class QueueThroughput(Struct):
+    name: str
+    completed: Annotated[int, Meta(ge=0)]
+
+
+class Throughput(Struct):
+    """Messages delivered per queue over the last `seconds`, counted in PostgreSQL (once
+    across server replicas); queues with none are left out."""
+
+    seconds: float
+    queues: list[QueueThroughput]
 
 
 # -- schedules, topics and callbacks ---------------------------------------------------------
