@@ -15,7 +15,7 @@ import time
 import asyncpg
 import orjson
 
-from ap4k.core.delivery import Delivery
+from ap4k.core.delivery import Delivery, Verdict
 from ap4k.core.targets import TargetError
 from ap4k.server import metrics
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
@@ -86,13 +86,11 @@ class Leaser:
             self.recorder.submit(
                 leased_by,
                 OutcomeReport(
-                    record["id"],
-                    record["attempt"],
-                    "fail",
-                    None,
-                    f"refused: {exc}",
-                    None,
-                    settings.name,
+                    id=record["id"],
+                    attempt=record["attempt"],
+                    verdict=Verdict.FAIL,
+                    error=f"refused: {exc}",
+                    queue=settings.name,
                 ),
             )
             return None

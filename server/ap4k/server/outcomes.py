@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ap4k.core.delivery import Verdict
 from ap4k.server import metrics
 from ap4k.server.store import Store
 from ap4k.server.wakeups import Wakeups
@@ -23,14 +24,16 @@ COALESCE_SECONDS = 0.01
 OUTCOME_LABEL = {"completed": "delivered", "retryable": "retried", "discarded": "dead"}
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutcomeReport:
+    """How one leased attempt went, from a dispatcher or a carrier's ack."""
+
     id: int
     attempt: int
-    verdict: str  # delivered | retry | fail
-    retry_after: float | None
-    error: str | None
-    duration: float | None  # seconds of the HTTP call, when known
+    verdict: Verdict
+    retry_after: float | None = None  # seconds the target asked to wait (Retry-After)
+    error: str | None = None
+    duration: float | None = None  # seconds of the HTTP call, when known
     queue: str | None = None
     status: int | None = None  # the HTTP status, when there was an answer
     response_excerpt: str | None = None  # the start of a failed answer's body
@@ -119,8 +122,8 @@ class OutcomeRecorder:
     async def _write_batch(
         self, leased_by: str, batch: list[tuple[OutcomeReport, asyncio.Future[bool]]]
     ) -> None:
-        delivered = [r for r, _ in batch if r.verdict == "delivered"]
-        others = [r for r, _ in batch if r.verdict != "delivered"]
+        delivered = [r for r, _ in batch if r.verdict is Verdict.DELIVERED]
+        others = [r for r, _ in batch if r.verdict is not Verdict.DELIVERED]
         rows = []
         if delivered:
             rows += await self._store.complete(
@@ -135,7 +138,7 @@ class OutcomeRecorder:
                 leased_by,
                 [r.id for r in others],
                 [r.attempt for r in others],
-                [r.verdict for r in others],
+                [r.verdict.value for r in others],
                 [r.retry_after for r in others],
                 [(r.error or "failed")[:2000] for r in others],
                 [r.status for r in others],

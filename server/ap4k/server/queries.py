@@ -58,7 +58,8 @@ FIND_BY_DEDUP_KEY = """
 SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_key = $2
 """
 
-LEASE = "SELECT * FROM ap4k_lease($1, $2, $3, $4, $5, $6)"
+# Versioned (migrations/0004): servers of two releases can run side by side in an upgrade.
+LEASE = "SELECT * FROM ap4k_lease_v1($1, $2, $3, $4, $5, $6)"
 
 # A message's callback: an ordinary message in the same queue (retried, signed, guarded,
 # visible), with no callbacks of its own. Each outcome statement below inserts these in the
@@ -205,7 +206,7 @@ RESCUE_EXPIRED = f"""
 WITH expired AS (
     SELECT id, leased_by FROM ap4k_messages
      WHERE state = 'running' AND lease_expires_at < now()
-     LIMIT 1000
+     LIMIT $1
        FOR UPDATE SKIP LOCKED
 ), rescued AS (
     UPDATE ap4k_messages m
@@ -240,7 +241,7 @@ WITH due AS (
     SELECT id FROM ap4k_messages
      WHERE state IN ('scheduled', 'retryable') AND scheduled_at <= now()
      ORDER BY scheduled_at
-     LIMIT 5000
+     LIMIT $1
        FOR UPDATE SKIP LOCKED
 )
 UPDATE ap4k_messages m
@@ -261,7 +262,7 @@ DELETE FROM ap4k_messages
  WHERE id IN (SELECT id FROM ap4k_messages
                WHERE state IN ('completed', 'cancelled')
                  AND finalized_at < now() - make_interval(secs => $1)
-               LIMIT 10000)
+               LIMIT $2)
 """
 
 # The history of messages the pruner deleted, once it is past the retention period too.

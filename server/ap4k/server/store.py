@@ -18,6 +18,12 @@ from ap4k.server import queries
 from ap4k.server.migrate import migrate
 
 STATES = ("available", "scheduled", "running", "retryable", "discarded")
+
+# How many rows one upkeep statement takes at most: each holds its locks for a short while,
+# and the callers loop until a batch comes back short.
+RESCUE_BATCH = 1000
+PROMOTE_BATCH = 5000
+PRUNE_BATCH = 10000
 MAX_ID = 2**63 - 1
 
 # What a statement raises when the database is unreachable, restarting, or closed the
@@ -292,23 +298,24 @@ class Store:
 
     # -- maintenance ----------------------------------------------------------------------
 
-    async def rescue_expired(self) -> list[asyncpg.Record]:
+    async def rescue_expired(self, limit: int = RESCUE_BATCH) -> list[asyncpg.Record]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.RESCUE_EXPIRED)
+            rows: list[asyncpg.Record] = await conn.fetch(queries.RESCUE_EXPIRED, limit)
             return rows
 
-    async def promote_due(self) -> list[str]:
+    async def promote_due(self, limit: int = PROMOTE_BATCH) -> list[str]:
+        """The queue of each message made available (one entry per message)."""
         async with self.dispatch_pool.acquire() as conn:
-            return [r["queue"] for r in await conn.fetch(queries.PROMOTE_DUE)]
+            return [r["queue"] for r in await conn.fetch(queries.PROMOTE_DUE, limit)]
 
     async def seconds_until_next_due(self) -> float | None:
         async with self.dispatch_pool.acquire() as conn:
             value: float | None = await conn.fetchval(queries.SECONDS_UNTIL_NEXT_DUE)
             return value
 
-    async def prune_finished(self, older_than_seconds: float) -> int:
+    async def prune_finished(self, older_than_seconds: float, limit: int = PRUNE_BATCH) -> int:
         async with self.dispatch_pool.acquire() as conn:
-            status: str = await conn.execute(queries.PRUNE_FINISHED, older_than_seconds)
+            status: str = await conn.execute(queries.PRUNE_FINISHED, older_than_seconds, limit)
         return int(status.split()[-1])
 
     async def prune_orphan_attempts(self, older_than_seconds: float) -> int:
