@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Awaitable[Any]]) -> int
     """Run `work(client)`; print its result as JSON (--json) or as `args.show` renders it."""
     from ap4k.client.async_client import AsyncClient
     from ap4k.client.errors import ApiError, ServerUnavailable
-    from ap4k.client.retry import RetryPolicy
+    from ap4k.core.retry import RetryPolicy
 
     async def main() -> Any:
         async with AsyncClient(
