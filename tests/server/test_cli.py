@@ -142,3 +142,17 @@ async def test_schedules_from_the_command_line(api: Api) -> None:
     gone = await ap4k("schedules", "delete", "hourly", *server)
     assert gone.code == 1 and "not_found" in gone.stderr
     assert (await ap4k("schedules", "list", "--json", *server)).json() == []
+async def test_cli_prints_a_new_secret_once(api: Api) -> None:
+    server = api.base_url
+    run = await ap4k(
+        "queue", "set", "cli-signed", "--new-signing-secret", "--json", "--server", server
+    )
+    assert run.code == 0, run.stderr
+    secret = run.json()["signing_secret"]
+    assert secret.startswith("whsec_") and run.json()["signing_secrets_set"] == 1
+    shown = await ap4k("queues", "--server", server)
+    assert secret not in shown.stdout
+    run = await ap4k(
+        "queue", "set", "cli-signed", "--drop-old-signing-secret", "--json", "--server", server
+    )
+    assert run.code == 0 and run.json() == {"signing_secrets_set": 0}

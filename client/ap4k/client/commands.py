@@ -110,6 +110,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     put.add_argument("--base-url", metavar="URL|none")
     put.add_argument("--allowed-targets", metavar="PREFIX,…|none")
     put.add_argument("--signing-secret", metavar="SECRET|none")
+    rotation = put.add_mutually_exclusive_group()
+    rotation.add_argument(
+        "--new-signing-secret",
+        action="store_true",
+        help="generate a Standard Webhooks secret, add it and print it (shown only this once)",
+    )
+    rotation.add_argument(
+        "--drop-old-signing-secret",
+        action="store_true",
+        help="drop the oldest signing secret, once receivers verify with the newer one",
+    )
     _output_flags(put)
     put.set_defaults(func=run_queue_set)
 
@@ -492,8 +503,20 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return changes
 
 
-@_command(_show_queue)
+def _show_queue_set(args: argparse.Namespace, data: Any) -> None:
+    if "signing_secrets_set" in data and "settings" not in data:  # a rotation step
+        for key, value in data.items():
+            print(f"{key}: {value}")
+    else:
+        _show_queue(args, data)
+
+
+@_command(_show_queue_set)
 async def run_queue_set(args: argparse.Namespace, call: Call) -> Any:
+    if args.new_signing_secret:
+        return await call("POST", queue_path(args.queue, "signing-secrets"))
+    if args.drop_old_signing_secret:
+        return await call("DELETE", queue_path(args.queue, "signing-secrets", "oldest"))
     return await call("PUT", queue_path(args.queue), _settings(args))
 
 

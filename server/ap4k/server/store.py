@@ -13,10 +13,12 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from ap4k.core import wire
+from ap4k.core import signatures, wire
 from ap4k.server import queries
 from ap4k.server.migrate import migrate
 
+# Settings stored as arrays, never NULL: "none" is the empty array.
+LIST_SETTINGS = frozenset({"allowed_targets", "signing_secrets"})
 STATES = ("available", "scheduled", "running", "retryable", "discarded")
 
 # How many rows one upkeep statement takes at most: each holds its locks for a short while,
@@ -50,11 +52,20 @@ class QueueSettings:
     base_url: str | None
     allowed_targets: tuple[str, ...]
     signing_secret: str | None
+    signing_secrets: tuple[str, ...] = ()
+    webhook_keys: tuple[bytes, ...] = ()  # the HMAC keys of signing_secrets
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> QueueSettings:
-        """A row of QUEUE_COLUMNS, which are this class's fields."""
-        return cls(**{**r, "allowed_targets": tuple(r["allowed_targets"] or ())})
+        """A row of QUEUE_COLUMNS, which are this class's fields (webhook_keys derived)."""
+        return cls(
+            **{
+                **r,
+                "allowed_targets": tuple(r["allowed_targets"] or ()),
+                "signing_secrets": tuple(r["signing_secrets"]),
+                "webhook_keys": tuple(signatures.secret_key(s) for s in r["signing_secrets"]),
+            }
+        )
 
     @classmethod
     def from_view(cls, name: str, view: wire.QueueSettingsView) -> QueueSettings:
@@ -68,11 +79,19 @@ class QueueSettings:
         """The settings as the API shows them: the signing secret never leaves the server."""
         shown = {f: getattr(self, f) for f in _SHOWN}
         shown["allowed_targets"] = list(self.allowed_targets)
-        return wire.QueueSettingsView(**shown, signing_secret_set=self.signing_secret is not None)
+        return wire.QueueSettingsView(
+            **shown,
+            signing_secret_set=self.signing_secret is not None,
+            signing_secrets_set=len(self.signing_secrets),
+        )
 
 
-# The settings the API shows as they are (all but the secret, shown only as "is set").
-_SHOWN = tuple(f for f in wire.QueueSettingsView.__struct_fields__ if f != "signing_secret_set")
+# The settings the API shows as they are (all but the secrets, shown only as "is set"/count).
+_SHOWN = tuple(
+    f
+    for f in wire.QueueSettingsView.__struct_fields__
+    if f not in ("signing_secret_set", "signing_secrets_set")
+)
 
 
 @dataclass(slots=True)
@@ -427,6 +446,21 @@ class Store:
         async with self.pool.acquire() as conn:
             return [r["name"] for r in await conn.fetch(queries.UNPAUSED_QUEUE_NAMES)]
 
+    async def add_signing_secret(self, name: str, secret: str) -> QueueSettings | None:
+        """Add a secret (creating the queue if needed); None if two are set already."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(queries.ENSURE_QUEUES, [name])
+            record = await conn.fetchrow(
+                queries.ADD_SIGNING_SECRET, name, secret, wire.MAX_SIGNING_SECRETS
+            )
+        return None if record is None else QueueSettings.from_record(record)
+
+    async def drop_oldest_signing_secret(self, name: str) -> QueueSettings | None:
+        """None if the queue does not exist."""
+        async with self.pool.acquire() as conn:
+            record = await conn.fetchrow(queries.DROP_OLDEST_SIGNING_SECRET, name)
+        return None if record is None else QueueSettings.from_record(record)
+
     async def update_queue(self, name: str, changes: dict[str, Any]) -> QueueSettings:
         """Create the queue if needed, then set the given (already validated) settings."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -440,8 +474,7 @@ class Store:
                     assignments=assignments, columns=queries.QUEUE_COLUMNS
                 )
                 values = [
-                    changes[c] if c != "allowed_targets" else list(changes[c] or [])
-                    for c in columns
+                    list(changes[c] or []) if c in LIST_SETTINGS else changes[c] for c in columns
                 ]
                 record = await conn.fetchrow(sql, name, *values)
         assert record is not None
