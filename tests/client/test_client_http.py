@@ -18,6 +18,7 @@ from ap4k.client import (
     Client,
     Conflict,
     NotFound,
+    OutcomeUnknown,
     PayloadTooLarge,
     RetryPolicy,
     ServerUnavailable,
@@ -210,3 +211,53 @@ async def test_sync_client_from_a_thread(scripted: Callable[..., Scripted]) -> N
     assert message_id == "42"
     assert current == server.url
     assert len(server.seen) == 2
+
+
+def hang_up(request: web.Request) -> web.Response:
+    """Read the request, then drop the connection without answering: maybe committed."""
+    assert request.transport is not None
+    request.transport.close()
+    return web.Response(status=202)
+
+
+async def test_a_send_without_dedup_key_cut_off_after_sending_is_not_resent(
+    scripted: Callable[..., Scripted],
+) -> None:
+    server = await scripted(hang_up)
+    async with AsyncClient(server.url, retry=FAST) as client:
+        with pytest.raises(OutcomeUnknown):
+            await client.send("q", "/t", {"n": 1})
+    assert len(server.seen) == 1  # never sent twice: it may have been enqueued
+
+
+async def test_a_send_with_dedup_key_cut_off_after_sending_is_resent(
+    scripted: Callable[..., Scripted],
+) -> None:
+    server = await scripted(hang_up, hang_up)
+    async with AsyncClient(server.url, retry=FAST) as client:
+        result = await client.send("q", "/t", {"n": 1}, dedup_key="once")
+    assert result.id == "42"
+    assert len(server.seen) == 3  # the server recognises the resends by their key
+
+
+async def test_idempotent_calls_are_resent_after_a_cut_off(
+    scripted: Callable[..., Scripted],
+) -> None:
+    server = await scripted(hang_up, lambda _r: web.json_response({"queues": []}))
+    async with AsyncClient(server.url, retry=FAST) as client:
+        assert await client.queues() == []
+    assert len(server.seen) == 2
+
+
+async def test_retries_until_the_deadline_and_per_call_policy(
+    scripted: Callable[..., Scripted],
+) -> None:
+    server = await scripted(*[status(503)] * 1000)
+    policy = RetryPolicy(deadline_seconds=0.5, min_backoff_seconds=0.01, max_backoff_seconds=0.02)
+    async with AsyncClient(server.url, retry=FAST) as client:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            await client.send("q", "/t", retry=policy)  # overrides the client's 6 attempts
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.5
+    assert len(server.seen) > 6

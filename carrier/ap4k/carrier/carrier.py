@@ -24,11 +24,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-import orjson
-
 from ap4k.carrier import metrics
+from ap4k.client.async_client import AsyncClient
+from ap4k.client.errors import Ap4kError
 from ap4k.core.delivery import Deliverer, Delivery, Outcome
+from ap4k.core.retry import RetryPolicy
 
 log = logging.getLogger("ap4k.carrier")
 
@@ -51,56 +51,43 @@ class CarrierSettings:
             self.carrier_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class ServerUnavailable(Exception):
-    pass
+# Each server URL once per call: the carrier's loops do their own waiting (a lease loop that
+# backs off, acks kept until they go through), and must not stall inside one call.
+ONE_ROUND = RetryPolicy(attempts=1)
 
 
-class ServerClient:
-    """The carrier protocol over HTTP, with failover across the server URLs."""
+class ServerCalls:
+    """The carrier protocol's calls, on the API client (failover across the server URLs)."""
 
     def __init__(self, settings: CarrierSettings) -> None:
-        self.settings = settings
-        self.urls = [u.rstrip("/") for u in settings.servers]
-        self.current = 0
-        headers = {"Content-Type": "application/json"}
-        if settings.api_token:
-            headers["Authorization"] = f"Bearer {settings.api_token}"
-        self.session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(limit=16)
+        self.api = AsyncClient(
+            settings.servers, token=settings.api_token, timeout=30.0, retry=ONE_ROUND,
+            user_agent="ap4k-carrier",
         )
 
-    async def close(self) -> None:
-        await self.session.close()
+    @property
+    def urls(self) -> list[str]:
+        return self.api.urls
 
-    async def call(self, path: str, payload: dict[str, Any], timeout: float = 30.0) -> Any:
-        """POST to the current server; on failure try each other one once, then give up."""
-        last_error: Exception | None = None
-        for _ in range(len(self.urls)):
-            url = self.urls[self.current]
-            try:
-                async with self.session.post(
-                    url + path,
-                    data=orjson.dumps(payload),
-                    timeout=aiohttp.ClientTimeout(total=timeout),
-                ) as response:
-                    body = await response.read()
-                    if response.status >= 500:
-                        raise ServerUnavailable(f"{url}: HTTP {response.status}")
-                    if response.status >= 400:
-                        # Our own mistake (or a wrong token): retrying elsewhere won't help.
-                        raise RuntimeError(f"{url}{path}: HTTP {response.status} {body[:300]!r}")
-                    return orjson.loads(body)
-            except (aiohttp.ClientError, OSError, TimeoutError, ServerUnavailable) as exc:
-                last_error = exc
-                metrics.SERVER_ERRORS.inc()
-                self.current = (self.current + 1) % len(self.urls)
-        raise ServerUnavailable(str(last_error))
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def call(
+        self, path: str, payload: dict[str, Any], *, idempotent: bool, timeout: float = 30.0
+    ) -> Any:
+        try:
+            return await self.api.call(
+                "POST", path, payload, idempotent=idempotent, timeout=timeout
+            )
+        except Ap4kError:
+            metrics.SERVER_ERRORS.inc()
+            raise
 
 
 class Carrier:
     def __init__(self, settings: CarrierSettings) -> None:
         self.settings = settings
-        self.client = ServerClient(settings)
+        self.client = ServerCalls(settings)
         self.deliverer = Deliverer(max_connections=settings.concurrency * 2)
         self._ready: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._outstanding = 0
@@ -194,10 +181,14 @@ class Carrier:
             if self.settings.queues:
                 request["queues"] = self.settings.queues
             try:
+                # Not idempotent: a lease answered but lost would be leased twice.
                 answer = await self.client.call(
-                    "/v1/leases", request, timeout=self.settings.poll_wait_seconds + 10
+                    "/v1/leases",
+                    request,
+                    idempotent=False,
+                    timeout=self.settings.poll_wait_seconds + 10,
                 )
-            except (ServerUnavailable, RuntimeError) as exc:
+            except Ap4kError as exc:
                 self.healthy = False
                 log.warning("leasing failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -244,8 +235,8 @@ class Carrier:
             "leases": [{"id": str(d.id), "attempt": d.attempt} for d in deliveries],
         }
         try:
-            await self.client.call("/v1/leases/release", payload)
-        except (ServerUnavailable, RuntimeError) as exc:
+            await self.client.call("/v1/leases/release", payload, idempotent=True)
+        except Ap4kError as exc:
             log.warning(
                 "could not give back %d leases (they will expire): %s", len(deliveries), exc
             )
@@ -306,12 +297,14 @@ class Carrier:
             batch, self._acks = self._acks[:1000], self._acks[1000:]
             try:
                 answer = await self.client.call(
-                    "/v1/acks", {"carrier": self.settings.carrier_id, "acks": batch}
+                    "/v1/acks",
+                    {"carrier": self.settings.carrier_id, "acks": batch},
+                    idempotent=True,  # an ack sent twice is refused the second time
                 )
             except asyncio.CancelledError:
                 self._acks = batch + self._acks  # the final flush sends them
                 raise
-            except (ServerUnavailable, RuntimeError) as exc:
+            except Ap4kError as exc:
                 self._acks = batch + self._acks
                 attempts += 1
                 if final and attempts >= 3:
@@ -340,8 +333,8 @@ class Carrier:
                 "leases": [{"id": str(d.id), "attempt": d.attempt} for d in due],
             }
             try:
-                answer = await self.client.call("/v1/leases/extend", payload)
-            except (ServerUnavailable, RuntimeError) as exc:
+                answer = await self.client.call("/v1/leases/extend", payload, idempotent=True)
+            except Ap4kError as exc:
                 log.warning("could not renew %d leases: %s", len(due), exc)
                 continue
             metrics.LEASES_EXTENDED.inc(len(answer["extended"]))

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         Conflict,
         Forbidden,
         NotFound,
+        OutcomeUnknown,
         PayloadTooLarge,
         ServerUnavailable,
         Unauthorized,
@@ -38,13 +39,13 @@ if TYPE_CHECKING:
         QueueSettings,
         QueueSettingsView,
     )
-    from ap4k.client.retry import RetryPolicy
     from ap4k.client.sync_client import Client
+    from ap4k.core.retry import RetryPolicy
 
 _EXPORTS = {
     "AsyncClient": "ap4k.client.async_client",
     "Client": "ap4k.client.sync_client",
-    "RetryPolicy": "ap4k.client.retry",
+    "RetryPolicy": "ap4k.core.retry",
     **dict.fromkeys(
         [
             "Ap4kError",
@@ -53,6 +54,7 @@ _EXPORTS = {
             "Conflict",
             "Forbidden",
             "NotFound",
+            "OutcomeUnknown",
             "PayloadTooLarge",
             "ServerUnavailable",
             "Unauthorized",
@@ -91,6 +93,7 @@ __all__ = [
     "MessageOptions",
     "NewMessage",
     "NotFound",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "Queue",
     "QueueDepth",

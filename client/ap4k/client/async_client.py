@@ -1,16 +1,20 @@
 """`AsyncClient`: the server's HTTP API for asyncio applications, on aiohttp.
 
-Every call goes through `_request`, which owns the three policies of the client:
+This is the one client of the API: applications, the sync `Client`, the carrier, the
+operator and the CLI all call the server through it. Every call goes through `call`, which
+owns the three policies:
 
 - failover: the client keeps one "current" server URL and sticks to it while it answers;
   a connection error, timeout, 5xx or 429 moves it on to the next URL at once;
-- retries: after a full round of URLs failed it sleeps with exponential backoff and jitter
-  (or the server's Retry-After), up to `RetryPolicy.attempts` requests per call;
-- errors: a 4xx other than 408/429 is the server saying no: raised at once as a typed
+- retries: after a full round of URLs failed it sleeps with capped exponential backoff and
+  full jitter (or the server's Retry-After), until the `RetryPolicy`'s deadline (30 s by
+  default: longer than a server restart);
+- errors: a 4xx other than 408/425/429 is the server saying no: raised at once as a typed
   `ApiError` with the server's code, message and field.
 
-Retrying a POST is safe only when the server can recognise the resend: give messages a
-`dedup_key` (the outbox forwarder always does).
+Resending a POST of messages is safe only when the server can recognise the resend: with a
+`dedup_key` on every message (the outbox forwarder always sets one) it is retried after any
+failure; without, only after failures that prove the server never acted on it (see `call`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from ap4k.client.errors import Ap4kError, ServerUnavailable, api_error
+from ap4k.client.errors import Ap4kError, OutcomeUnknown, ServerUnavailable, api_error
 from ap4k.client.models import (
     JSON,
     Cancelled,
@@ -37,19 +41,32 @@ from ap4k.client.models import (
     Queue,
     QueueSettings,
 )
-from ap4k.client.retry import RetryPolicy, is_retryable_status, retry_after_seconds
+from ap4k.core.retry import RetryPolicy, is_retryable_status, parse_retry_after
 
 logger = logging.getLogger("ap4k.client")
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:7438"
+# Each server URL once, no waiting: for questions whose answer is "not now" (readiness).
+ONE_ROUND = RetryPolicy(attempts=1)
 MAX_BATCH = 1000  # the server's limit for one POST of {"messages": [...]}
 
-# Failures that say nothing about the request itself: the server was unreachable or died.
+# Failures before anything was sent: no server saw the request.
+NOT_SENT_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+)
+# Failures that say nothing about the request itself: the server was unreachable or died,
+# possibly after it had acted on the request.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectionError,
     aiohttp.ClientPayloadError,
     asyncio.TimeoutError,
 )
+# Retryable answers that say the request was not acted on: it was too slow to arrive (408),
+# too early (425), over a rate limit (429), or the server could not take it (503: ap4k
+# answers it while draining or without its database, having changed nothing).
+NOT_PROCESSED_STATUSES = frozenset({408, 425, 429, 503})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 def split_urls(urls: str | Iterable[str]) -> list[str]:
@@ -116,18 +133,41 @@ class AsyncClient:
     # -- messages ---------------------------------------------------------------------------
 
     async def send(
-        self, queue: str, target: str, body: JSON = None, **options: Unpack[MessageOptions]
+        self,
+        queue: str,
+        target: str,
+        body: JSON = None,
+        *,
+        retry: RetryPolicy | None = None,
+        **options: Unpack[MessageOptions],
     ) -> Enqueued:
-        """Enqueue one message; returns once the server has committed it."""
-        message = NewMessage(target, body, **options)
-        return await self.send_message(queue, message)
+        """Enqueue one message; returns once the server has committed it.
 
-    async def send_message(self, queue: str, message: NewMessage) -> Enqueued:
-        data = await self._request("POST", _queue_path(queue, "messages"), message.to_json())
+        Retried within `retry` (the client's policy by default) when the server cannot be
+        reached; after a failure past sending, only if the message has a `dedup_key`.
+        """
+        message = NewMessage(target, body, **options)
+        return await self.send_message(queue, message, retry=retry)
+
+    async def send_message(
+        self, queue: str, message: NewMessage, *, retry: RetryPolicy | None = None
+    ) -> Enqueued:
+        payload = message.to_json()
+        data = await self.call(
+            "POST",
+            _queue_path(queue, "messages"),
+            payload,
+            idempotent=_has_dedup_key(payload),
+            retry=retry,
+        )
         return Enqueued.from_json(data)
 
     async def send_many(
-        self, queue: str, messages: Sequence[NewMessage | Mapping[str, JSON]]
+        self,
+        queue: str,
+        messages: Sequence[NewMessage | Mapping[str, JSON]],
+        *,
+        retry: RetryPolicy | None = None,
     ) -> list[Enqueued]:
         """Enqueue many messages, in order, in POSTs of up to 1,000 messages and
         `max_request_bytes`.
@@ -142,19 +182,32 @@ class AsyncClient:
             payload = _message_json(message)
             payload_size = len(orjson.dumps(payload)) + 1
             if chunk and (len(chunk) == MAX_BATCH or size + payload_size > self.max_request_bytes):
-                results.extend(await self.send_json_batch(queue, chunk))
+                results.extend(await self.send_json_batch(queue, chunk, retry=retry))
                 chunk, size = [], 0
             chunk.append(payload)
             size += payload_size
         if chunk:
-            results.extend(await self.send_json_batch(queue, chunk))
+            results.extend(await self.send_json_batch(queue, chunk, retry=retry))
         return results
 
-    async def send_json_batch(self, queue: str, payloads: list[dict[str, JSON]]) -> list[Enqueued]:
-        """One POST of up to 1,000 messages already in the API's JSON form."""
+    async def send_json_batch(
+        self,
+        queue: str,
+        payloads: list[dict[str, JSON]],
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> list[Enqueued]:
+        """One POST of up to 1,000 messages already in the API's JSON form (resent after a
+        failure past sending only if every message has a `dedup_key`)."""
         if len(payloads) > MAX_BATCH:
             raise ValueError(f"at most {MAX_BATCH} messages per batch")
-        data = await self._request("POST", _queue_path(queue, "messages"), {"messages": payloads})
+        data = await self.call(
+            "POST",
+            _queue_path(queue, "messages"),
+            {"messages": payloads},
+            idempotent=all(_has_dedup_key(p) for p in payloads),
+            retry=retry,
+        )
         results = [Enqueued.from_json(item) for item in data["messages"]]
         if len(results) != len(payloads):
             raise Ap4kError(
@@ -163,20 +216,20 @@ class AsyncClient:
         return results
 
     async def get(self, message_id: str) -> Message:
-        return Message.from_json(await self._request("GET", _message_path(message_id)))
+        return Message.from_json(await self.call("GET", _message_path(message_id)))
 
     async def cancel(self, message_id: str) -> Cancelled:
         """Cancel a message that has not finished yet (`Conflict` if it has)."""
-        return Cancelled.from_json(await self._request("DELETE", _message_path(message_id)))
+        return Cancelled.from_json(await self.call("DELETE", _message_path(message_id)))
 
     # -- queues -----------------------------------------------------------------------------
 
     async def queues(self) -> list[Queue]:
-        data = await self._request("GET", "/v1/queues")
+        data = await self.call("GET", "/v1/queues")
         return [Queue.from_json(q) for q in data.get("queues") or []]
 
     async def queue(self, name: str) -> Queue:
-        return Queue.from_json(await self._request("GET", _queue_path(name)))
+        return Queue.from_json(await self.call("GET", _queue_path(name)))
 
     async def set_queue(
         self, name: str, settings: QueueSettings | None = None, **fields: JSON
@@ -187,7 +240,7 @@ class AsyncClient:
         """
         payload = settings.to_json() if settings is not None else {}
         payload.update({k: v for k, v in fields.items() if v is not None})
-        return Queue.from_json(await self._request("PUT", _queue_path(name), payload))
+        return Queue.from_json(await self.call("PUT", _queue_path(name), payload))
 
     # -- dead letters -----------------------------------------------------------------------
 
@@ -197,7 +250,7 @@ class AsyncClient:
         params = {"limit": str(limit)}
         if after is not None:
             params["after"] = after
-        data = await self._request("GET", _queue_path(queue, "dead"), params=params)
+        data = await self.call("GET", _queue_path(queue, "dead"), params=params)
         return DeadLetters.from_json(data)
 
     async def iter_dead_letters(
@@ -216,18 +269,21 @@ class AsyncClient:
     async def redrive(self, queue: str, ids: Sequence[str] | None = None) -> int:
         """Make dead letters available again (all of them, or those `ids`); returns how many."""
         payload = None if ids is None else {"ids": list(ids)}
-        data = await self._request("POST", _queue_path(queue, "dead", "redrive"), payload or {})
+        # Idempotent: a second redrive makes available what is dead by then, as the first.
+        data = await self.call(
+            "POST", _queue_path(queue, "dead", "redrive"), payload or {}, idempotent=True
+        )
         return int(data.get("redriven", 0))
 
     async def purge_dead(self, queue: str) -> int:
         """Delete a queue's dead letters for good; returns how many."""
-        data = await self._request("DELETE", _queue_path(queue, "dead"))
+        data = await self.call("DELETE", _queue_path(queue, "dead"))
         return int(data.get("purged", 0))
 
     async def ready(self) -> bool:
         """True when the current server (or, failing that, another) answers /readyz."""
         try:
-            await self._request("GET", "/readyz", expect_json=False)
+            await self.call("GET", "/readyz", expect_json=False, retry=ONE_ROUND)
         except ServerUnavailable:
             return False
         return True
@@ -245,49 +301,85 @@ class AsyncClient:
             self._owns_session = True
         return self._session
 
-    async def _request(
+    async def call(
         self,
         method: str,
         path: str,
         payload: JSON = None,
         *,
         params: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
         expect_json: bool = True,
     ) -> Any:
+        """One API call with the client's failover and retries; returns the decoded answer.
+
+        `idempotent` says whether sending the request twice does no harm (default: by
+        method: GET, PUT and DELETE are, POST is not). A request that is not is resent only
+        after failures that prove the server did not process it (it could not be reached,
+        or answered 408/425/429/503); any other failure raises `OutcomeUnknown` at once.
+        `retry` and `timeout` override the client's for this call.
+        """
+        policy = retry or self.retry
+        if idempotent is None:
+            idempotent = method.upper() in IDEMPOTENT_METHODS
         session = self._get_session()
         data = None if payload is None else orjson.dumps(payload)
         headers = {"Content-Type": "application/json"} if data is not None else None
-        attempts = max(self.retry.attempts, len(self.urls))
+        request_timeout = None if timeout is None else self._timeout_for(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.deadline_seconds
         failed_in_round = 0
         rounds_failed = 0
+        attempt = 0
         last_error: BaseException | str = "no attempt made"
         # Each call walks the URLs from the shared "current" one on; concurrent calls must
         # not send each other back to a URL that just failed, hence the local index.
         index = self._current
-        for attempt in range(1, attempts + 1):
+        while True:
+            attempt += 1
             url = self.urls[index] + path
             retry_after: float | None = None
+            processed = False  # whether the server may have acted on the request
+            if not idempotent:
+                await _notice_closed_connections()
             try:
                 async with session.request(
-                    method, url, data=data, headers=headers, params=params
+                    method, url, data=data, headers=headers, params=params,
+                    timeout=request_timeout or self._timeout,
                 ) as response:
                     status = response.status
+                    raw = await response.read()
                     if status < 300:
-                        raw = await response.read()
                         self._current = index  # stick to the URL that answered
                         if not expect_json:
                             return None
                         return orjson.loads(raw) if raw else {}
-                    raw = await response.read()
                     body = _decode_error_body(raw)
                     if not is_retryable_status(status):
                         self._current = index  # alive: it answered, and said no
                         raise api_error(status, body, url=url)
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                    retry_after = parse_retry_after(
+                        response.headers.get("Retry-After"),
+                        max_seconds=policy.max_retry_after_seconds,
+                    )
+                    processed = status not in NOT_PROCESSED_STATUSES
                     last_error = f"{method} {url}: HTTP {status} {_short(body)}"
+            except NOT_SENT_ERRORS as exc:
+                last_error = exc
+                logger.debug("%s %s: not reached: %r", method, url, exc)
             except CONNECTION_ERRORS as exc:
+                processed = True  # cut off after sending, maybe after the commit
                 last_error = exc
                 logger.debug("%s %s failed: %r", method, url, exc)
+            if processed and not idempotent:
+                raise OutcomeUnknown(
+                    f"{method} {path} failed on {url} after it was sent (not resent: it "
+                    "may have been processed)",
+                    attempts=attempt,
+                    last_error=last_error,
+                )
             # This URL failed: fail over to the next one (and move the shared pointer on,
             # unless another call already has).
             following = (index + 1) % len(self.urls)
@@ -295,21 +387,46 @@ class AsyncClient:
                 self._current = following
             index = following
             failed_in_round += 1
-            if attempt == attempts:
+            remaining = deadline - loop.time()
+            out_of_attempts = policy.attempts is not None and attempt >= policy.attempts
+            # Every URL is tried once per call whatever the policy says.
+            if (out_of_attempts or remaining <= 0) and attempt >= len(self.urls):
                 break
             if failed_in_round >= len(self.urls) or retry_after is not None:
                 # Every URL failed once (or the server asked us to wait): back off.
                 failed_in_round = 0
                 rounds_failed += 1
-                delay = self.retry.backoff(rounds_failed)
+                delay = policy.backoff(rounds_failed)
                 if retry_after is not None:
-                    delay = max(delay, min(retry_after, self.retry.max_retry_after_seconds))
-                await asyncio.sleep(delay)
+                    delay = max(delay, retry_after)
+                await asyncio.sleep(max(min(delay, remaining), 0.0))
         raise ServerUnavailable(
             f"{method} {path} failed on {', '.join(self.urls)}",
-            attempts=attempts,
+            attempts=attempt,
             last_error=last_error,
         )
+
+    def _timeout_for(self, total: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total, sock_connect=self._timeout.sock_connect)
+
+
+async def _notice_closed_connections() -> None:
+    """Let the loop process what the kernel already knows before a request that must not be
+    sent twice goes out on a pooled keep-alive connection.
+
+    A server that went away (restarted, killed) closed its idle connections; until the loop
+    has read that end-of-file, the pool hands the dead connection out, the request fails
+    with "server disconnected", and a non-idempotent request could not be resent — though
+    no server ever saw it. Two loop iterations: one for the selector to report the
+    end-of-file, one for its callback to have run before this task resumes (Go's HTTP
+    client makes the same check before it writes a request on a reused connection).
+    """
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+def _has_dedup_key(message: Mapping[str, JSON]) -> bool:
+    return bool(message.get("dedup_key"))
 
 
 def _message_json(message: NewMessage | Mapping[str, JSON]) -> dict[str, JSON]:

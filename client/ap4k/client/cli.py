@@ -173,7 +173,7 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
     from aiohttp import web
     from prometheus_client.aiohttp import make_aiohttp_handler
 
-    from ap4k.client.retry import RetryPolicy
+    from ap4k.core.retry import RetryPolicy
     from ap4k.outbox.forwarder import DATABASE_ERRORS, Forwarder
 
     forwarder = Forwarder(

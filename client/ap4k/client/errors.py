@@ -1,9 +1,11 @@
 """Exceptions of the client: one base class, one class per kind of refusal.
 
-A 4xx from the server means "this request, as it is, will never succeed": it is raised at
-once, never retried, and carries the server's own error code, message and field. 5xx, 429
-and connection failures are retried (with failover across URLs); only when every attempt
-failed does `ServerUnavailable` come out.
+The one error hierarchy of every caller of the API (applications, the carrier, the operator,
+the CLI). A 4xx from the server means "this request, as it is, will never succeed": it is
+raised at once, never retried, and carries the server's own error code, message and field.
+5xx, 429 and connection failures are retried (with failover across URLs) within the call's
+`RetryPolicy`; when it runs out, `ServerUnavailable` comes out — or `OutcomeUnknown` when a
+request that must not be sent twice may have been processed before the failure.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ class ApiError(Ap4kError):
         field: str | None = None,
         *,
         url: str = "",
+        body: Any = None,
     ) -> None:
         self.status = status
         self.code = code
         self.message = message
         self.field = field
         self.url = url
+        self.body = body  # the answer as sent (decoded JSON, or text)
         where = f" (field {field!r})" if field else ""
         super().__init__(f"{status} {code}: {message}{where}")
 
@@ -63,10 +67,21 @@ class PayloadTooLarge(ApiError):
 class ServerUnavailable(Ap4kError):
     """Every attempt on every server URL failed (connection errors, timeouts, 5xx or 429)."""
 
-    def __init__(self, message: str, *, attempts: int, last_error: BaseException | str) -> None:
+    def __init__(
+        self, message: str, *, attempts: int = 1, last_error: BaseException | str = ""
+    ) -> None:
         self.attempts = attempts
         self.last_error = last_error
-        super().__init__(f"{message} after {attempts} attempt(s); last error: {last_error}")
+        if last_error != "":
+            message = f"{message} after {attempts} attempt(s); last error: {last_error}"
+        super().__init__(message)
+
+
+class OutcomeUnknown(ServerUnavailable):
+    """A request that is not safe to repeat (a POST of messages without dedup keys) failed
+    after it was sent: the server may have committed it. The client does not resend it, so
+    as not to enqueue it twice; give messages a `dedup_key` to have such failures retried.
+    """
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {
@@ -88,7 +103,9 @@ def api_error(status: int, body: Any, *, url: str = "") -> ApiError:
         code = str(error.get("code") or code)
         message = str(error.get("message") or "")
         field = None if error.get("field") is None else str(error.get("field"))
+    elif isinstance(error, str):  # other JSON APIs (Prometheus) say it in one string
+        message = error[:500]
     elif isinstance(body, str):
         message = body[:500]
     cls = _BY_STATUS.get(status, ApiError)
-    return cls(status, code, message or f"HTTP {status}", field, url=url)
+    return cls(status, code, message or f"HTTP {status}", field, url=url, body=body)

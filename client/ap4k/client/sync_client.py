@@ -28,7 +28,7 @@ from ap4k.client.models import (
     Queue,
     QueueSettings,
 )
-from ap4k.client.retry import RetryPolicy
+from ap4k.core.retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -121,20 +121,33 @@ class Client:
         self.close()
 
     def send(
-        self, queue: str, target: str, body: JSON = None, **options: Unpack[MessageOptions]
+        self,
+        queue: str,
+        target: str,
+        body: JSON = None,
+        *,
+        retry: RetryPolicy | None = None,
+        **options: Unpack[MessageOptions],
     ) -> Enqueued:
-        """Enqueue one message; returns once the server has committed it."""
+        """Enqueue one message; returns once the server has committed it (retried as
+        `AsyncClient.send` is)."""
         message = NewMessage(target, body, **options)
-        return self.send_message(queue, message)
+        return self.send_message(queue, message, retry=retry)
 
-    def send_message(self, queue: str, message: NewMessage) -> Enqueued:
-        result: Enqueued = self._call(AsyncClient.send_message, queue, message)
+    def send_message(
+        self, queue: str, message: NewMessage, *, retry: RetryPolicy | None = None
+    ) -> Enqueued:
+        result: Enqueued = self._call(AsyncClient.send_message, queue, message, retry=retry)
         return result
 
     def send_many(
-        self, queue: str, messages: Sequence[NewMessage | Mapping[str, JSON]]
+        self,
+        queue: str,
+        messages: Sequence[NewMessage | Mapping[str, JSON]],
+        *,
+        retry: RetryPolicy | None = None,
     ) -> list[Enqueued]:
-        result: list[Enqueued] = self._call(AsyncClient.send_many, queue, messages)
+        result: list[Enqueued] = self._call(AsyncClient.send_many, queue, messages, retry=retry)
         return result
 
     def get(self, message_id: str) -> Message:

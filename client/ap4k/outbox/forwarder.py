@@ -34,7 +34,7 @@ import asyncpg
 
 from ap4k.client.async_client import AsyncClient
 from ap4k.client.errors import ApiError, ServerUnavailable
-from ap4k.client.retry import RetryPolicy
+from ap4k.core.retry import RetryPolicy
 from ap4k.outbox import metrics, schema, sql
 from ap4k.outbox.relay import Relay, Row
 

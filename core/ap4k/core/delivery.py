@@ -7,7 +7,6 @@ the same headers, signature, timeout, SSRF guard and classification of outcomes.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import hmac
 import time
@@ -17,6 +16,7 @@ from enum import StrEnum
 import aiohttp
 from yarl import URL
 
+from ap4k.core.retry import parse_retry_after
 from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_host
 
 USER_AGENT = "ap4k/0.1"
@@ -63,19 +63,6 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     """HMAC-SHA256 over "<timestamp>.<body>", as the Ap4k-Signature header carries it."""
     mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
     return f"t={timestamp},v1={mac.hexdigest()}"
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER_SECONDS)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def classify_status(status: int) -> Verdict:
@@ -184,7 +171,9 @@ class Deliverer:
                     error = f"HTTP {status} {response.reason or ''}".strip()
                     if 300 <= status < 400:
                         error += " (redirects are not followed)"
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    retry_after = parse_retry_after(
+                        response.headers.get("Retry-After"), max_seconds=MAX_RETRY_AFTER_SECONDS
+                    )
                 return Outcome(verdict, status, error, retry_after, time.perf_counter() - started)
         except BlockedAddressError as exc:
             return Outcome(

@@ -9,74 +9,63 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
+from ap4k.client.async_client import AsyncClient
+from ap4k.client.errors import ApiError, ServerUnavailable
+from ap4k.core.retry import RetryPolicy
 
-
-class Unreachable(Exception):
-    """The server (or Prometheus) did not answer usefully: connection, timeout, 5xx, bad JSON."""
-
-
-class Rejected(Exception):
-    """The server refused a request (4xx): a setting it considers invalid."""
-
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.field = field
+# The operator's names for the API client's errors (one hierarchy, see ap4k.client.errors).
+Unreachable = ServerUnavailable  # connection, timeout, 5xx, or an answer without what we need
+Rejected = ApiError  # 4xx: a setting the server considers invalid (`.field` says which)
 
 
 class HttpClient:
-    """One aiohttp session per event loop, for every server and Prometheus the operator calls."""
+    """The API client per server (and Prometheus) the operator calls, in the running loop.
+
+    Each poll is short: two tries within the configured HTTP timeout. The operator polls
+    again at its next interval, so a longer retry would only delay the other AsyncQueues.
+    """
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._clients: dict[tuple[str, str | None, float], AsyncClient] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def session(self, timeout: float) -> aiohttp.ClientSession:
+    def client(self, base_url: str, *, timeout: float, token: str | None) -> AsyncClient:
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._loop is not loop:
+        if self._loop is not loop:  # a new loop (tests, a restart): sessions cannot move
+            self._clients.clear()
             self._loop = loop
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                headers={"User-Agent": "ap4k-operator"},
+        key = (base_url, token, timeout)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = AsyncClient(
+                base_url,
+                token=token,
+                timeout=timeout,
+                connect_timeout=timeout,
+                retry=RetryPolicy(deadline_seconds=timeout, attempts=2, max_backoff_seconds=0.5),
+                user_agent="ap4k-operator",
             )
-        return self._session
+        return client
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
 
     async def call(
-        self, method: str, url: str, *, timeout: float, token: str | None = None,
+        self, method: str, url: str, path: str, *, timeout: float, token: str | None = None,
         json: Any = None, params: Mapping[str, str] | None = None,
     ) -> Any:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = self.client(url, timeout=timeout, token=token)
         try:
-            async with self.session(timeout).request(
-                method, url, json=json, params=params, headers=headers
-            ) as response:
-                if 400 <= response.status < 500:
-                    raise _rejected(response.status, await response.text())
-                if response.status >= 500:
-                    raise Unreachable(f"{method} {url} answered {response.status}")
-                return await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise Unreachable(f"{method} {url}: {exc or type(exc).__name__}") from exc
-
-
-def _rejected(status: int, text: str) -> Rejected:
-    try:
-        error = json.loads(text).get("error", {})
-        return Rejected(status, str(error.get("message", text)), error.get("field"))
-    except (ValueError, AttributeError):
-        return Rejected(status, text[:500] or f"HTTP {status}")
+            return await client.call(method, path, json, params=params)
+        except ValueError as exc:  # not JSON
+            raise Unreachable(f"{method} {url}{path}: {exc}") from exc
 
 
 # --- the ap4k server ------------------------------------------------------------------------
@@ -85,7 +74,7 @@ def _rejected(status: int, text: str) -> Rejected:
 async def list_queues(
     http: HttpClient, base_url: str, *, timeout: float, token: str | None
 ) -> list[dict[str, Any]]:
-    answer = await http.call("GET", f"{base_url}/v1/queues", timeout=timeout, token=token)
+    answer = await http.call("GET", base_url, "/v1/queues", timeout=timeout, token=token)
     queues = answer.get("queues") if isinstance(answer, dict) else None
     if not isinstance(queues, list):
         raise Unreachable(f"GET {base_url}/v1/queues: no queue list in the answer")
@@ -113,8 +102,10 @@ async def put_queue(
     http: HttpClient, base_url: str, name: str, settings: Mapping[str, Any], *,
     timeout: float, token: str | None,
 ) -> dict[str, Any]:
-    url = f"{base_url}/v1/queues/{quote(name, safe='')}"
-    answer = await http.call("PUT", url, json=dict(settings), timeout=timeout, token=token)
+    path = f"/v1/queues/{quote(name, safe='')}"
+    answer = await http.call(
+        "PUT", base_url, path, json=dict(settings), timeout=timeout, token=token
+    )
     return answer if isinstance(answer, dict) else {}
 
 
@@ -137,9 +128,10 @@ async def prometheus_query(
     http: HttpClient, server_address: str, query: str, *, timeout: float
 ) -> float:
     """The sum of an instant query's values (an empty vector is 0, like KEDA's default)."""
-    url = f"{server_address}/api/v1/query"
     try:
-        answer = await http.call("GET", url, params={"query": query}, timeout=timeout)
+        answer = await http.call(
+            "GET", server_address, "/api/v1/query", params={"query": query}, timeout=timeout
+        )
     except Rejected as exc:  # Prometheus answers 400 for a query it cannot parse
         raise Unreachable(f"Prometheus refused the query: {exc}") from exc
     if not isinstance(answer, dict) or answer.get("status") != "success":

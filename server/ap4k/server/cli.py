@@ -213,30 +213,42 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
-    import aiohttp
+# The shell commands try for a few seconds (a server restarting), not an application's 30.
+CLI_RETRY_SECONDS = 5.0
 
-    async def main() -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {args.api_token}"} if args.api_token else {}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.request(
-                method,
-                args.server.rstrip("/") + path,
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as response,
-        ):
-            return response.status, await response.json(content_type=None)
+
+def _call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: Any = None,
+    params: dict[str, str] | None = None,
+) -> int:
+    """One API call for a shell command: print the answer (or the refusal) as JSON."""
+    from ap4k.client.async_client import AsyncClient
+    from ap4k.client.errors import ApiError, ServerUnavailable
+    from ap4k.core.retry import RetryPolicy
+
+    async def main() -> Any:
+        async with AsyncClient(
+            args.server,
+            token=args.api_token,
+            timeout=30.0,
+            retry=RetryPolicy(deadline_seconds=CLI_RETRY_SECONDS),
+            user_agent="ap4k-cli",
+        ) as client:
+            return await client.call(method, path, body, params=params)
 
     try:
-        status, data = asyncio.run(main())
-    except OSError as exc:
+        data = asyncio.run(main())
+    except ApiError as exc:
+        print(json.dumps(exc.body, indent=2))
+        return 1
+    except ServerUnavailable as exc:
         print(f"ap4k: cannot reach {args.server}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2))
-    return 0 if status < 400 else 1
+    return 0
 
 
 def run_send(args: argparse.Namespace) -> int:
@@ -261,7 +273,7 @@ def run_queues(args: argparse.Namespace) -> int:
 
 
 def run_dead(args: argparse.Namespace) -> int:
-    return _call(args, "GET", f"/v1/queues/{args.queue}/dead?limit={args.limit}")
+    return _call(args, "GET", f"/v1/queues/{args.queue}/dead", params={"limit": str(args.limit)})
 
 
 def run_redrive(args: argparse.Namespace) -> int:
