@@ -63,7 +63,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         env_name="DRAIN_SECONDS",
         default=10.0,
         cast=float,
-        help="on SIGTERM, how long in-flight deliveries may take to finish",
+        help="on SIGTERM, how long in-flight deliveries may take to finish (within "
+        "--shutdown-seconds)",
+    )
+    add_flag(
+        carrier,
+        "--shutdown-seconds",
+        env_name="SHUTDOWN_SECONDS",
+        default=20.0,
+        cast=float,
+        help="on SIGTERM, the whole drain's budget, to exit within: keep it under the pod's "
+        "terminationGracePeriodSeconds (30 s by default)",
     )
     add_flag(
         carrier,
@@ -114,5 +124,6 @@ def carrier_worker(args: argparse.Namespace, index: int) -> None:
         api_token=args.api_token,
         carrier_id=carrier_id,
         drain_grace_seconds=args.drain_seconds,
+        shutdown_seconds=args.shutdown_seconds,
     )
     logs.run_async(run(settings, args.metrics_port, reuse_port=args.workers > 1))

@@ -57,6 +57,9 @@ class Outcome:
     error: str | None
     retry_after: float | None
     duration: float
+    # Cut off by a drain before it finished: an attempt (it may have reached the target)
+    # whose duration is unknown.
+    cut_off: bool = False
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:

@@ -77,7 +77,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         env_name="DRAIN_SECONDS",
         default=10.0,
         cast=float,
-        help="on SIGTERM, how long in-flight deliveries may take to finish",
+        help="on SIGTERM, how long in-flight deliveries may take to finish (within "
+        "--shutdown-seconds)",
+    )
+    add_flag(
+        serve,
+        "--shutdown-seconds",
+        env_name="SHUTDOWN_SECONDS",
+        default=20.0,
+        cast=float,
+        help="on SIGTERM, the whole drain's budget, to exit within: keep it under the pod's "
+        "terminationGracePeriodSeconds (30 s by default)",
     )
     add_flag(
         serve,
@@ -85,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         env_name="LEASE_SECONDS",
         default=30.0,
         cast=float,
-        help="how long a dispatcher's lease lasts (at least the message timeout + 1 s)",
+        help="how long a dispatcher's lease lasts; renewed while a delivery runs, so a "
+        "crashed server's messages are delivered again after about this long",
     )
     add_flag(
         serve,
@@ -165,6 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         retention_seconds=args.retention_seconds,
         drain_grace_seconds=args.drain_seconds,
+        shutdown_seconds=args.shutdown_seconds,
         lease_seconds=args.lease_seconds,
         migrate=args.migrate,
         pool_size=args.pool_size,

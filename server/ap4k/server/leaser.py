@@ -59,7 +59,10 @@ class Leaser:
                 leased_by,
                 lease_seconds,
                 self._floors.get(queue, 0),
-                cover_timeout=not is_carrier,
+                # Dispatchers and carriers alike renew their leases (the pool's heartbeat),
+                # so a lease lasts `lease_seconds`: a crashed process's messages come back
+                # within about that, not after twice their timeout.
+                cover_timeout=False,
             )
             if len(rows) == want:
                 self._floors[queue] = min(r["lease_order"] for r in rows)

@@ -31,7 +31,7 @@ WITH input AS (
            CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
            CASE WHEN leased_by IS NOT NULL THEN now() END,
            CASE WHEN leased_by IS NOT NULL
-                THEN now() + make_interval(secs => greatest($14, 2 * timeout_seconds + 1)) END
+                THEN now() + make_interval(secs => $14) END
       FROM input
      ORDER BY ord
         ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
