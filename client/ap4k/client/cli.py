@@ -171,8 +171,8 @@ def run_forward(args: argparse.Namespace) -> int:
 
 async def _forward(args: argparse.Namespace, url: str) -> int:
     from aiohttp import web
-    from prometheus_client.aiohttp import make_aiohttp_handler
 
+    from ap4k.core import observability
     from ap4k.core.retry import RetryPolicy
     from ap4k.outbox.forwarder import DATABASE_ERRORS, Forwarder
 
@@ -189,22 +189,11 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
     )
     runner: web.AppRunner | None = None
     if args.metrics_port:
-        app = web.Application()
-        app.router.add_get("/metrics", make_aiohttp_handler())
-
-        async def healthz(_request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def readyz(_request: web.Request) -> web.Response:
-            # Ready once connected to the outbox (and its schema is in place).
-            ready = forwarder.started
-            return web.json_response({"ready": ready}, status=200 if ready else 503)
-
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, args.metrics_host, args.metrics_port).start()
+        # Ready once connected to the outbox (and its schema is in place).
+        app = observability.make_app(
+            ready=lambda: None if forwarder.started else "outbox not reachable yet"
+        )
+        runner = await observability.serve(app, args.metrics_host, args.metrics_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

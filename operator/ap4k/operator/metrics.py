@@ -1,12 +1,12 @@
-"""The operator's own Prometheus metrics, and the HTTP server for /metrics and /healthz."""
+"""The operator's own Prometheus metrics, served with /healthz and /readyz by the shared
+observability app (`ap4k.core.observability`)."""
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.aiohttp import make_aiohttp_handler
+
+from ap4k.core import observability
 
 # A registry of its own, so that tests running several operators in one process (and the
 # server's metrics, should both ever share a process) never collide.
@@ -61,23 +61,13 @@ class Health:
     def __init__(self) -> None:
         self.started_at: float | None = None
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        if self.started_at is None:
-            return web.json_response({"status": "starting"}, status=503)
-        return web.json_response(
-            {"status": "ok", "uptime_seconds": round(time.monotonic() - self.started_at, 1)}
-        )
+    def problem(self) -> str | None:
+        return "starting" if self.started_at is None else None
 
 
 def make_app(health: Health) -> web.Application:
-    app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(REGISTRY))
-    app.router.add_get("/healthz", health.healthz)
-    return app
+    return observability.make_app(alive=health.problem, ready=health.problem, registry=REGISTRY)
 
 
 async def serve(health: Health, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(make_app(health), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    return await observability.serve(make_app(health), host, port)
