@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ap4k.core.config import add_flag, add_logging_flags
+from ap4k.core.config import add_drain_flags, add_flag, add_logging_flags
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,24 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cast=int,
         help="port of /metrics and /healthz (0: off)",
     )
-    add_flag(
-        carrier,
-        "--drain-seconds",
-        env_name="DRAIN_SECONDS",
-        default=10.0,
-        cast=float,
-        help="on SIGTERM, how long in-flight deliveries may take to finish (within "
-        "--shutdown-seconds)",
-    )
-    add_flag(
-        carrier,
-        "--shutdown-seconds",
-        env_name="SHUTDOWN_SECONDS",
-        default=20.0,
-        cast=float,
-        help="on SIGTERM, the whole drain's budget, to exit within: keep it under the pod's "
-        "terminationGracePeriodSeconds (30 s by default)",
-    )
+    add_drain_flags(carrier)
     add_flag(
         carrier,
         "--id",

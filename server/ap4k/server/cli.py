@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ap4k.core.config import add_flag, add_logging_flags
+from ap4k.core.config import add_drain_flags, add_flag, add_logging_flags
 
 DEFAULT_SERVER = "http://127.0.0.1:7438"
 
@@ -71,24 +71,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cast=float,
         help="keep completed and cancelled messages this long",
     )
-    add_flag(
-        serve,
-        "--drain-seconds",
-        env_name="DRAIN_SECONDS",
-        default=10.0,
-        cast=float,
-        help="on SIGTERM, how long in-flight deliveries may take to finish (within "
-        "--shutdown-seconds)",
-    )
-    add_flag(
-        serve,
-        "--shutdown-seconds",
-        env_name="SHUTDOWN_SECONDS",
-        default=20.0,
-        cast=float,
-        help="on SIGTERM, the whole drain's budget, to exit within: keep it under the pod's "
-        "terminationGracePeriodSeconds (30 s by default)",
-    )
+    add_drain_flags(serve)
     add_flag(
         serve,
         "--lease-seconds",
