@@ -110,7 +110,10 @@ class DispatcherPool:
             await asyncio.sleep(0.01)
         await self.pool.give_back_late()
         try:
-            await asyncio.wait_for(self.recorder.drain(), max(deadline - time.monotonic(), 0.1))
+            # Shielded: giving up waiting must not cancel the outcomes' own futures.
+            await asyncio.wait_for(
+                asyncio.shield(self.recorder.drain()), max(deadline - time.monotonic(), 0.1)
+            )
         except TimeoutError:
             log.warning("outcomes not all recorded by the drain deadline (their leases expire)")
         self._started = False
