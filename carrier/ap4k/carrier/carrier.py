@@ -23,16 +23,21 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
+
+import msgspec
 
 from ap4k.carrier import metrics
 from ap4k.client.async_client import AsyncClient
 from ap4k.client.errors import Ap4kError
+from ap4k.core import wire
 from ap4k.core.delivery import Deliverer, Delivery, Outcome
 from ap4k.core.pool import DeliveryPool
 from ap4k.core.retry import RetryPolicy
 
 log = logging.getLogger("ap4k.carrier")
+
+T = TypeVar("T")
 
 ACK_COALESCE_SECONDS = 0.005
 # Of the shutdown budget: kept for the last acks (after the in-flight deliveries' grace), and
@@ -81,12 +86,18 @@ class ServerCalls:
     async def close(self) -> None:
         await self.api.close()
 
-    async def call(
-        self, path: str, payload: dict[str, Any], *, idempotent: bool, timeout: float = 30.0
-    ) -> Any:
+    async def post(
+        self,
+        path: str,
+        request: msgspec.Struct,
+        answer: type[T],
+        *,
+        idempotent: bool,
+        timeout: float = 30.0,
+    ) -> T:
         try:
-            return await self.api.call(
-                "POST", path, payload, idempotent=idempotent, timeout=timeout
+            return await self.api.post(
+                path, request, answer, idempotent=idempotent, timeout=timeout
             )
         except Ap4kError:
             metrics.SERVER_ERRORS.inc()
@@ -110,7 +121,7 @@ class Carrier:
             cancel_lease_on_stop=True,  # a long poll: the server gives back what it held
             name="carrier",
         )
-        self._acks: list[dict[str, Any]] = []
+        self._acks: list[wire.Ack] = []
         self._acks_pending = asyncio.Event()
         self._stopping = asyncio.Event()
         self._lease_backoff = 0.1
@@ -154,20 +165,20 @@ class Carrier:
     async def _lease(self, room: int) -> list[Delivery]:
         """One lease call: a long poll while idle; with work in hand, an immediate answer."""
         outstanding = self.pool.outstanding
-        request: dict[str, Any] = {
-            "carrier": self.settings.carrier_id,
-            "max_messages": min(room, 1000),
-            "lease_seconds": self.settings.lease_seconds,
+        request = wire.LeaseRequest(
+            carrier=self.settings.carrier_id,
+            max_messages=min(room, wire.MAX_BATCH),
+            queues=self.settings.queues or None,
             # With work in hand, don't park on the server: come back for more at once.
-            "wait_seconds": self.settings.poll_wait_seconds if outstanding == 0 else 0,
-        }
-        if self.settings.queues:
-            request["queues"] = self.settings.queues
+            wait_seconds=self.settings.poll_wait_seconds if outstanding == 0 else 0,
+            lease_seconds=self.settings.lease_seconds,
+        )
         try:
             # Not idempotent: a lease answered but lost would be leased twice.
-            answer = await self.client.call(
+            answer = await self.client.post(
                 "/v1/leases",
                 request,
+                wire.Leased,
                 idempotent=False,
                 timeout=self.settings.poll_wait_seconds + 10,
             )
@@ -179,46 +190,45 @@ class Carrier:
             return []
         self.healthy = True
         self._lease_backoff = 0.1
-        secrets: dict[str, str] = answer.get("signing_secrets", {})
-        messages = answer["messages"]
-        metrics.LEASED.inc(len(messages))
-        deliveries = [_delivery(m, secrets) for m in messages]
+        metrics.LEASED.inc(len(answer.messages))
+        deliveries = [_delivery(m, answer.signing_secrets) for m in answer.messages]
         if not deliveries and outstanding:
             await asyncio.sleep(0.02)  # nothing new while busy: don't spin
         return deliveries
 
     async def _release(self, deliveries: list[Delivery]) -> None:
-        payload = {
-            "carrier": self.settings.carrier_id,
-            "leases": [{"id": str(d.id), "attempt": d.attempt} for d in deliveries],
-        }
-        await self.client.call("/v1/leases/release", payload, idempotent=True)
+        request = wire.ReleaseRequest(
+            carrier=self.settings.carrier_id, leases=[_lease_ref(d) for d in deliveries]
+        )
+        await self.client.post("/v1/leases/release", request, wire.Released, idempotent=True)
 
     async def _extend(self, deliveries: list[Delivery], seconds: float) -> list[int]:
-        payload = {
-            "carrier": self.settings.carrier_id,
-            "lease_seconds": seconds,
-            "leases": [{"id": str(d.id), "attempt": d.attempt} for d in deliveries],
-        }
-        answer = await self.client.call("/v1/leases/extend", payload, idempotent=True)
-        metrics.LEASES_EXTENDED.inc(len(answer["extended"]))
-        return [int(item["id"]) for item in answer["extended"]]
+        request = wire.ExtendRequest(
+            carrier=self.settings.carrier_id,
+            leases=[_lease_ref(d) for d in deliveries],
+            lease_seconds=seconds,
+        )
+        answer = await self.client.post(
+            "/v1/leases/extend", request, wire.Extended, idempotent=True
+        )
+        metrics.LEASES_EXTENDED.inc(len(answer.extended))
+        return [int(item.id) for item in answer.extended]
 
     def _record(self, delivery: Delivery, outcome: Outcome) -> None:
         if not outcome.cut_off:
             metrics.DELIVERIES.labels(outcome.verdict.value).inc()
             metrics.DELIVERY_DURATION.observe(outcome.duration)
-        ack: dict[str, Any] = {
-            "id": str(delivery.id),
-            "attempt": delivery.attempt,
-            "queue": delivery.queue,
-            "outcome": outcome.verdict.value,
-            "error": None if outcome.error is None else outcome.error.replace("\x00", "")[:2000],
-            "retry_after": outcome.retry_after,
-        }
-        if not outcome.cut_off:
-            ack["duration_seconds"] = outcome.duration
-        self._acks.append(ack)
+        self._acks.append(
+            wire.Ack(
+                id=str(delivery.id),
+                attempt=delivery.attempt,
+                queue=delivery.queue,
+                outcome=outcome.verdict.value,
+                error=None if outcome.error is None else outcome.error.replace("\x00", "")[:2000],
+                retry_after=outcome.retry_after,
+                duration_seconds=None if outcome.cut_off else outcome.duration,
+            )
+        )
         self._acks_pending.set()
 
     # -- acknowledging ----------------------------------------------------------------------
@@ -241,9 +251,10 @@ class Carrier:
         while self._acks:
             batch, self._acks = self._acks[:1000], self._acks[1000:]
             try:
-                answer = await self.client.call(
+                answer = await self.client.post(
                     "/v1/acks",
-                    {"carrier": self.settings.carrier_id, "acks": batch},
+                    wire.AckRequest(carrier=self.settings.carrier_id, acks=batch),
+                    wire.AckResult,
                     idempotent=True,  # an ack sent twice is refused the second time
                     timeout=30.0 if deadline is None else max(deadline - time.monotonic(), 0.1),
                 )
@@ -259,26 +270,29 @@ class Carrier:
                     return
                 await asyncio.sleep(pause)
                 continue
-            refused = answer["refused"]
+            refused = answer.refused
             if refused:
                 metrics.ACKS_REFUSED.inc(len(refused))
                 log.info("%d acks refused (their leases had expired)", len(refused))
 
 
-def _delivery(m: dict[str, Any], secrets: dict[str, str]) -> Delivery:
-    body = m["body_json"]
+def _delivery(m: wire.LeasedMessage, secrets: dict[str, str]) -> Delivery:
     return Delivery(
-        id=int(m["id"]),
-        queue=m["queue"],
-        attempt=m["attempt"],
-        max_attempts=m["max_attempts"],
-        target=m["target"],
-        method=m["method"],
-        headers=m["headers"] or None,
-        body=None if body is None else body.encode(),
-        timeout_seconds=m["timeout_seconds"],
-        created_at=m["created_at"],
-        ordering_key=m["ordering_key"],
-        signing_secret=secrets.get(m["queue"]),
-        explicitly_allowed=m["explicitly_allowed"],
+        id=int(m.id),
+        queue=m.queue,
+        attempt=m.attempt,
+        max_attempts=m.max_attempts,
+        target=m.target,
+        method=m.method,
+        headers=m.headers or None,
+        body=None if m.body_json is None else m.body_json.encode(),
+        timeout_seconds=m.timeout_seconds,
+        created_at=m.created_at,
+        ordering_key=m.ordering_key,
+        signing_secret=secrets.get(m.queue),
+        explicitly_allowed=m.explicitly_allowed,
     )
+
+
+def _lease_ref(delivery: Delivery) -> wire.LeaseRef:
+    return wire.LeaseRef(id=str(delivery.id), attempt=delivery.attempt)
