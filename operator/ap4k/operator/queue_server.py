@@ -85,13 +85,13 @@ async def completed_within(
     http: HttpClient, base_url: str, seconds: float, *, timeout: float, token: str | None
 ) -> dict[str, int]:
     """`GET /v1/throughput`: messages delivered per queue over the last `seconds`."""
-    url = f"{base_url}/v1/throughput"
     answer = await http.call(
-        "GET", url, params={"seconds": f"{seconds:.3f}"}, timeout=timeout, token=token
+        "GET", base_url, "/v1/throughput", params={"seconds": f"{seconds:.3f}"},
+        timeout=timeout, token=token,
     )
     queues = answer.get("queues") if isinstance(answer, dict) else None
     if not isinstance(queues, list):
-        raise Unreachable(f"GET {url}: no queue list in the answer")
+        raise Unreachable(f"GET {base_url}/v1/throughput: no queue list in the answer")
     return {
         str(q["name"]): int(q["completed"]) for q in queues
         if isinstance(q, dict) and isinstance(q.get("completed"), int)
