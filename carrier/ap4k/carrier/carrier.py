@@ -31,7 +31,7 @@ from ap4k.carrier import metrics
 from ap4k.client.async_client import AsyncClient
 from ap4k.client.errors import Ap4kError
 from ap4k.core import wire
-from ap4k.core.delivery import Deliverer, Delivery, Outcome
+from ap4k.core.delivery import Deliverer, Delivery, Outcome, from_leased
 from ap4k.core.pool import DeliveryPool
 from ap4k.core.retry import RetryPolicy
 
@@ -191,7 +191,8 @@ class Carrier:
         self.healthy = True
         self._lease_backoff = 0.1
         metrics.LEASED.inc(len(answer.messages))
-        deliveries = [_delivery(m, answer.signing_secrets) for m in answer.messages]
+        secrets = answer.signing_secrets
+        deliveries = [from_leased(m, secrets.get(m.queue)) for m in answer.messages]
         if not deliveries and outstanding:
             await asyncio.sleep(0.02)  # nothing new while busy: don't spin
         return deliveries
@@ -274,24 +275,6 @@ class Carrier:
             if refused:
                 metrics.ACKS_REFUSED.inc(len(refused))
                 log.info("%d acks refused (their leases had expired)", len(refused))
-
-
-def _delivery(m: wire.LeasedMessage, secrets: dict[str, str]) -> Delivery:
-    return Delivery(
-        id=int(m.id),
-        queue=m.queue,
-        attempt=m.attempt,
-        max_attempts=m.max_attempts,
-        target=m.target,
-        method=m.method,
-        headers=m.headers or None,
-        body=None if m.body_json is None else m.body_json.encode(),
-        timeout_seconds=m.timeout_seconds,
-        created_at=m.created_at,
-        ordering_key=m.ordering_key,
-        signing_secret=secrets.get(m.queue),
-        explicitly_allowed=m.explicitly_allowed,
-    )
 
 
 def _lease_ref(delivery: Delivery) -> wire.LeaseRef:

@@ -16,6 +16,7 @@ from enum import StrEnum
 import aiohttp
 from yarl import URL
 
+from ap4k.core import wire
 from ap4k.core.retry import parse_retry_after
 from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_host
 
@@ -48,6 +49,43 @@ class Delivery:
     signing_secret: str | None = None
     # The queue's allow-list names this target's host: link-local addresses may be used.
     explicitly_allowed: bool = False
+
+
+def to_leased(d: Delivery) -> wire.LeasedMessage:
+    """A leased message as the carrier protocol carries it (server side)."""
+    return wire.LeasedMessage(
+        id=str(d.id),
+        queue=d.queue,
+        attempt=d.attempt,
+        max_attempts=d.max_attempts,
+        target=d.target,
+        method=d.method,
+        headers=d.headers or {},
+        body_json=None if d.body is None else d.body.decode(),
+        timeout_seconds=d.timeout_seconds,
+        created_at=d.created_at,
+        ordering_key=d.ordering_key,
+        explicitly_allowed=d.explicitly_allowed,
+    )
+
+
+def from_leased(m: wire.LeasedMessage, signing_secret: str | None) -> Delivery:
+    """The inverse of `to_leased` (carrier side); the secret comes with the lease answer."""
+    return Delivery(
+        id=int(m.id),
+        queue=m.queue,
+        attempt=m.attempt,
+        max_attempts=m.max_attempts,
+        target=m.target,
+        method=m.method,
+        headers=m.headers or None,
+        body=None if m.body_json is None else m.body_json.encode(),
+        timeout_seconds=m.timeout_seconds,
+        created_at=m.created_at,
+        ordering_key=m.ordering_key,
+        signing_secret=signing_secret,
+        explicitly_allowed=m.explicitly_allowed,
+    )
 
 
 @dataclass(slots=True)
