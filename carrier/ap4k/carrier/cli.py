@@ -86,7 +86,7 @@ def run_carrier(args: argparse.Namespace) -> int:
         carrier_worker,
         args,
         name="ap4k-carrier",
-        grace_seconds=args.drain_seconds,
+        grace_seconds=args.shutdown_seconds,  # the whole drain fits in it
     )
 
 

@@ -182,7 +182,7 @@ def run_serve(args: argparse.Namespace) -> int:
             args.log_level,
             args.log_format,
             name="ap4k-serve",
-            grace_seconds=settings.drain_grace_seconds,
+            grace_seconds=settings.shutdown_seconds,  # the whole drain fits in it
         )
     finally:
         if embedded is not None:
