@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from ap4k.server.maintenance import Maintenance
+from ap4k.server.store import RESCUE_BATCH, Store
+from ap4k.server.wakeups import Wakeups
 from ap4k_testkit import StartServer, count_rows, sink
 
 
@@ -62,3 +65,38 @@ async def test_health_and_readiness(start_server: StartServer) -> None:
     status, body = await api.call("GET", "/readyz")
     assert (status, body) == (503, {"status": "draining"})
     server.services.ready = True
+
+
+async def test_one_rescue_returns_every_expired_lease(
+    start_server: StartServer, database_url: str
+) -> None:
+    """A carrier that died holding more leases than one statement takes: the rescuer goes on
+    until a batch comes back short, instead of 1,000 every rescue interval."""
+    server, api = await start_server(dispatchers=0)
+    total = 2 * RESCUE_BATCH + 500
+    for _ in range(total // 500):
+        await api.send_batch("orphaned", [{"target": "http://127.0.0.1:9/"}] * 500)
+    leased = 0
+    while leased < total:
+        body = await api.ok(
+            "POST",
+            "/v1/leases",
+            {"carrier": "dead", "queues": ["orphaned"], "max_messages": 1000, "wait_seconds": 0},
+        )
+        leased += len(body["messages"])
+    await server.stop()  # nothing else rescues them meanwhile
+    await count_rows(
+        database_url, "WITH x AS (UPDATE ap4k_messages SET lease_expires_at = now() - "
+        "interval '1 second' WHERE state = 'running' RETURNING 1) SELECT count(*) FROM x"
+    )  # fmt: skip
+
+    store = await Store.connect(database_url, min_size=1, max_size=2)
+    try:
+        rescued = await Maintenance(store, Wakeups(), retention_seconds=60).rescue()
+    finally:
+        await store.close()
+    assert rescued == total
+    running = "SELECT count(*) FROM ap4k_messages WHERE state = 'running'"
+    assert await count_rows(database_url, running) == 0
+    retryable = "SELECT count(*) FROM ap4k_messages WHERE state = 'retryable'"
+    assert await count_rows(database_url, retryable) == total

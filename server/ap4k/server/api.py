@@ -32,7 +32,7 @@ from ap4k.server.leaser import Leaser
 from ap4k.server.openapi import openapi_document
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import EnqueueRow, QueueDepth, QueueSettings, Store
+from ap4k.server.store import EnqueueRow, MessageRow, QueueDepth, QueueSettings, Store
 from ap4k.server.validation import (
     ACKS,
     EXTEND,
@@ -165,27 +165,27 @@ def _message_id(request: web.Request) -> int:
     return msg_id
 
 
-def message_view(r: asyncpg.Record) -> wire.MessageView:
+def message_view(r: MessageRow) -> wire.MessageView:
     return wire.MessageView(
-        id=str(r["id"]),
-        queue=r["queue"],
-        state=r["state"],
-        target=r["target"],
-        method=r["method"],
-        headers=msgspec.json.decode(r["headers"]) if r["headers"] else {},
+        id=str(r.id),
+        queue=r.queue,
+        state=r.state,
+        target=r.target,
+        method=r.method,
+        headers=msgspec.json.decode(r.headers) if r.headers else {},
         # The stored JSON as it is: no decoding and encoding again.
-        body=msgspec.Raw(r["body"]) if r["body"] is not None else None,
-        priority=r["priority"],
-        dedup_key=r["dedup_key"],
-        ordering_key=r["ordering_key"],
-        attempt=r["attempt"],
-        max_attempts=r["max_attempts"],
-        timeout_seconds=float(r["timeout_seconds"]),
-        last_error=r["last_error"],
-        created_at=r["created_at"],
-        scheduled_at=r["scheduled_at"],
-        attempted_at=r["attempted_at"],
-        finalized_at=r["finalized_at"],
+        body=msgspec.Raw(r.body) if r.body is not None else None,
+        priority=r.priority,
+        dedup_key=r.dedup_key,
+        ordering_key=r.ordering_key,
+        attempt=r.attempt,
+        max_attempts=r.max_attempts,
+        timeout_seconds=float(r.timeout_seconds),
+        last_error=r.last_error,
+        created_at=r.created_at,
+        scheduled_at=r.scheduled_at,
+        attempted_at=r.attempted_at,
+        finalized_at=r.finalized_at,
     )
 
 
@@ -302,10 +302,10 @@ async def cancel_message(request: web.Request) -> web.Response:
         if current is None:
             raise not_found("message")
         raise ApiError(
-            409, "already_finished", f"message is {current['state']} and cannot be cancelled"
+            409, "already_finished", f"message is {current.state} and cannot be cancelled"
         )
-    services.wakeups.announce([record["queue"]])  # ordering keys behind it may go now
-    return json_response({"id": str(record["id"]), "state": record["state"]})
+    services.wakeups.announce([record.queue])  # ordering keys behind it may go now
+    return json_response(wire.Cancelled(str(record.id), record.state))
 
 
 # -- queues -----------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ async def list_dead(request: web.Request) -> web.Response:
     if after is None:
         raise invalid("after", "after must be a message id")
     records = await _services(request).store.list_dead(queue, after, limit)
-    next_cursor = str(records[-1]["id"]) if len(records) == limit else None
+    next_cursor = str(records[-1].id) if len(records) == limit else None
     return json_response(wire.DeadLetters([message_view(r) for r in records], next_cursor))
 
 
@@ -513,7 +513,7 @@ async def extend_leases(request: web.Request) -> web.Response:
     ids = lease_ids(body.leases, "leases")
     attempts = [ref.attempt for ref in body.leases]
     rows = await services.store.extend(leased_by, ids, attempts, body.lease_seconds) if ids else []
-    extended = {r["id"]: r["lease_expires_at"] for r in rows}
+    extended = {r.id: r.lease_expires_at for r in rows}
     return json_response(
         wire.Extended(
             extended=[wire.Extension(str(i), t) for i, t in extended.items()],
@@ -530,8 +530,8 @@ async def release_leases(request: web.Request) -> web.Response:
     attempts = [ref.attempt for ref in body.leases]
     rows = await services.store.release(leased_by, ids, attempts) if ids else []
     if rows:
-        services.wakeups.announce({r["queue"] for r in rows})
-    return json_response(wire.Released([str(r["id"]) for r in rows]))
+        services.wakeups.announce({r.queue for r in rows})
+    return json_response(wire.Released([str(r.id) for r in rows]))
 
 
 # -- health and documents -------------------------------------------------------------------

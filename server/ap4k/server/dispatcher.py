@@ -19,7 +19,7 @@ import time
 
 import asyncpg
 
-from ap4k.core.delivery import Deliverer, Delivery
+from ap4k.core.delivery import Deliverer, Delivery, Verdict
 from ap4k.server import metrics
 from ap4k.server.leaser import MAX_LEASE_BATCH, Leaser
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
@@ -120,7 +120,12 @@ class DispatcherPool:
             self.recorder.submit(
                 self.identity,
                 OutcomeReport(
-                    d.id, d.attempt, "retry", 0.0, "abandoned at shutdown", None, d.queue
+                    id=d.id,
+                    attempt=d.attempt,
+                    verdict=Verdict.RETRY,
+                    retry_after=0.0,
+                    error="abandoned at shutdown",
+                    queue=d.queue,
                 ),
             )
         await self.recorder.drain()
@@ -246,12 +251,12 @@ class DispatcherPool:
             self.recorder.submit(
                 self.identity,
                 OutcomeReport(
-                    delivery.id,
-                    delivery.attempt,
-                    outcome.verdict.value,
-                    outcome.retry_after,
-                    outcome.error,
-                    outcome.duration,
-                    delivery.queue,
+                    id=delivery.id,
+                    attempt=delivery.attempt,
+                    verdict=outcome.verdict,
+                    retry_after=outcome.retry_after,
+                    error=outcome.error,
+                    duration=outcome.duration,
+                    queue=delivery.queue,
                 ),
             )

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import time
 
-import asyncpg
 import orjson
 
-from ap4k.core.delivery import Delivery
+from ap4k.core.delivery import Delivery, Verdict
 from ap4k.core.targets import TargetError
 from ap4k.server import metrics
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
-from ap4k.server.store import QueueSettings, Store
+from ap4k.server.store import LeasedRow, QueueSettings, Store
 
 MAX_LEASE_BATCH = 100
 FLOOR_SECONDS = 1.0
@@ -53,7 +52,7 @@ class Leaser:
         out: list[Delivery] = []
         while len(out) < limit:
             want = min(limit - len(out), MAX_LEASE_BATCH)
-            rows: list[asyncpg.Record] = await self.store.lease(
+            rows = await self.store.lease(
                 queue,
                 want,
                 leased_by,
@@ -62,7 +61,7 @@ class Leaser:
                 cover_timeout=not is_carrier,
             )
             if len(rows) == want:
-                self._floors[queue] = min(r["lease_order"] for r in rows)
+                self._floors[queue] = min(r.lease_order for r in rows)
             else:
                 self._floors.pop(queue, None)
             if rows:
@@ -77,38 +76,35 @@ class Leaser:
         return out
 
     def _delivery(
-        self, record: asyncpg.Record, settings: QueueSettings, leased_by: str
+        self, row: LeasedRow, settings: QueueSettings, leased_by: str
     ) -> Delivery | None:
         try:
-            _, explicit = self.directory.target(settings, record["target"])
+            _, explicit = self.directory.target(settings, row.target)
         except TargetError as exc:
             # The queue's allow-list changed since this message was accepted.
             self.recorder.submit(
                 leased_by,
                 OutcomeReport(
-                    record["id"],
-                    record["attempt"],
-                    "fail",
-                    None,
-                    f"refused: {exc}",
-                    None,
-                    settings.name,
+                    id=row.id,
+                    attempt=row.attempt,
+                    verdict=Verdict.FAIL,
+                    error=f"refused: {exc}",
+                    queue=settings.name,
                 ),
             )
             return None
-        headers = record["headers"]
         return Delivery(
-            id=record["id"],
+            id=row.id,
             queue=settings.name,
-            attempt=record["attempt"],
-            max_attempts=record["max_attempts"],
-            target=record["target"],
-            method=record["method"],
-            headers=None if headers is None else orjson.loads(headers),
-            body=record["body"],
-            timeout_seconds=float(record["timeout_seconds"]),
-            created_at=record["created_at"].timestamp(),
-            ordering_key=record["ordering_key"],
+            attempt=row.attempt,
+            max_attempts=row.max_attempts,
+            target=row.target,
+            method=row.method,
+            headers=None if row.headers is None else orjson.loads(row.headers),
+            body=row.body,
+            timeout_seconds=float(row.timeout_seconds),
+            created_at=row.created_at.timestamp(),
+            ordering_key=row.ordering_key,
             signing_secret=settings.signing_secret,
             explicitly_allowed=explicit,
         )

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from ap4k.server import metrics
-from ap4k.server.store import STATES, Store
+from ap4k.server.store import PRUNE_BATCH, RESCUE_BATCH, STATES, Store
 from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.maintenance")
@@ -104,21 +104,27 @@ class Maintenance:
         return len(queues)
 
     async def rescue(self) -> int:
-        rows = await self.store.rescue_expired()
-        if rows:
-            counts = Counter(r["queue"] for r in rows)
+        """Every expired lease, in batches: a crashed carrier may leave tens of thousands."""
+        total = 0
+        while True:
+            rows = await self.store.rescue_expired(RESCUE_BATCH)
+            counts = Counter(r.queue for r in rows)
             for queue, n in counts.items():
                 metrics.LEASES_EXPIRED.labels(queue).inc(n)
-            log.info("rescued %d expired leases", len(rows))
+            total += len(rows)
+            if len(rows) < RESCUE_BATCH:
+                break
+        if total:
+            log.info("rescued %d expired leases", total)
             self.poke_scheduler()
-        return len(rows)
+        return total
 
     async def prune(self) -> int:
         total = 0
         while True:
-            deleted = await self.store.prune_finished(self.retention_seconds)
+            deleted = await self.store.prune_finished(self.retention_seconds, PRUNE_BATCH)
             total += deleted
-            if deleted < 10000:
+            if deleted < PRUNE_BATCH:
                 return total
 
     async def refresh_gauges(self) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ap4k.core.delivery import Verdict
 from ap4k.server import metrics
 from ap4k.server.store import Store
 from ap4k.server.wakeups import Wakeups
@@ -23,14 +24,16 @@ COALESCE_SECONDS = 0.01
 OUTCOME_LABEL = {"completed": "delivered", "retryable": "retried", "discarded": "dead"}
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutcomeReport:
+    """How one leased attempt went, from a dispatcher or a carrier's ack."""
+
     id: int
     attempt: int
-    verdict: str  # delivered | retry | fail
-    retry_after: float | None
-    error: str | None
-    duration: float | None  # seconds of the HTTP call, when known
+    verdict: Verdict
+    retry_after: float | None = None  # seconds the target asked to wait (Retry-After)
+    error: str | None = None
+    duration: float | None = None  # seconds of the HTTP call, when known
     queue: str | None = None
 
 
@@ -108,8 +111,8 @@ class OutcomeRecorder:
     async def _write_batch(
         self, leased_by: str, batch: list[tuple[OutcomeReport, asyncio.Future[bool]]]
     ) -> None:
-        delivered = [r for r, _ in batch if r.verdict == "delivered"]
-        others = [r for r, _ in batch if r.verdict != "delivered"]
+        delivered = [r for r, _ in batch if r.verdict is Verdict.DELIVERED]
+        others = [r for r, _ in batch if r.verdict is not Verdict.DELIVERED]
         rows = []
         if delivered:
             rows += await self._store.complete(
@@ -120,7 +123,7 @@ class OutcomeRecorder:
                 leased_by,
                 [r.id for r in others],
                 [r.attempt for r in others],
-                [r.verdict for r in others],
+                [r.verdict.value for r in others],
                 [r.retry_after for r in others],
                 [(r.error or "failed")[:2000] for r in others],
             )
@@ -129,15 +132,15 @@ class OutcomeRecorder:
         wake: set[str] = set()
         retried = False
         for row in rows:
-            accepted.add(row["id"])
-            queue, state = row["queue"], row["state"]
+            accepted.add(row.id)
+            queue, state = row.queue, row.state
             metrics.child(metrics.DELIVERIES, queue, OUTCOME_LABEL[state]).inc()
             if state == "completed":
-                latency = max(now - row["created_at"], 0)
+                latency = max(now - row.created_at, 0)
                 metrics.child(metrics.END_TO_END_LATENCY, queue).observe(latency)
             elif state == "retryable":
                 retried = True
-            if row["ordering_key"] is not None and state != "retryable":
+            if row.ordering_key is not None and state != "retryable":
                 wake.add(queue)  # the next message with this key may go now
         for report, future in batch:
             if not future.done():

@@ -55,7 +55,8 @@ FIND_BY_DEDUP_KEY = """
 SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_key = $2
 """
 
-LEASE = "SELECT * FROM ap4k_lease($1, $2, $3, $4, $5, $6)"
+# Versioned (migrations/0002): replicas of two releases can run side by side in an upgrade.
+LEASE = "SELECT * FROM ap4k_lease_v1($1, $2, $3, $4, $5, $6)"
 
 # Outcomes of deliveries, batched, from dispatchers and carriers alike. The decision is made
 # here, in one place: 2xx completes; a retryable failure waits out its backoff (Retry-After,
@@ -153,7 +154,7 @@ RESCUE_EXPIRED = """
 WITH expired AS (
     SELECT id FROM ap4k_messages
      WHERE state = 'running' AND lease_expires_at < now()
-     LIMIT 1000
+     LIMIT $1
        FOR UPDATE SKIP LOCKED
 )
 UPDATE ap4k_messages m
@@ -177,7 +178,7 @@ WITH due AS (
     SELECT id FROM ap4k_messages
      WHERE state IN ('scheduled', 'retryable') AND scheduled_at <= now()
      ORDER BY scheduled_at
-     LIMIT 5000
+     LIMIT $1
        FOR UPDATE SKIP LOCKED
 )
 UPDATE ap4k_messages m
@@ -198,7 +199,7 @@ DELETE FROM ap4k_messages
  WHERE id IN (SELECT id FROM ap4k_messages
                WHERE state IN ('completed', 'cancelled')
                  AND finalized_at < now() - make_interval(secs => $1)
-               LIMIT 10000)
+               LIMIT $2)
 """
 
 QUEUE_DEPTHS = """

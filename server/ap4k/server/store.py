@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -17,6 +18,97 @@ from ap4k.server import queries
 from ap4k.server.migrate import migrate
 
 STATES = ("available", "scheduled", "running", "retryable", "discarded")
+
+# How many rows one upkeep statement takes at most: each holds its locks for a short while,
+# and the callers loop until a batch comes back short.
+RESCUE_BATCH = 1000
+PROMOTE_BATCH = 5000
+PRUNE_BATCH = 10000
+
+Row = TypeVar("Row")
+
+
+def _rows(cls: type[Row], records: list[asyncpg.Record]) -> list[Row]:
+    """Records as the typed rows below: each class's fields are its statement's columns."""
+    return [cls(**r) for r in records]
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedRow:
+    """A message just leased (`ap4k_lease_v1`)."""
+
+    id: int
+    target: str
+    method: str
+    headers: str | None  # JSON
+    body: bytes | None  # JSON
+    attempt: int
+    max_attempts: int
+    timeout_seconds: float
+    created_at: datetime
+    ordering_key: str | None
+    lease_order: int
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRow:
+    """A message whose outcome was recorded (RECORD_OUTCOMES, COMPLETE)."""
+
+    id: int
+    queue: str
+    state: str  # completed | retryable | discarded
+    ordering_key: str | None
+    created_at: float  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedRow:
+    id: int
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedRow:
+    id: int
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RescuedRow:
+    queue: str
+    state: str  # retryable | discarded
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledRow:
+    id: int
+    queue: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """A message as GET /v1/messages/{id} and the dead letters show it (MESSAGE_COLUMNS)."""
+
+    id: int
+    queue: str
+    state: str
+    target: str
+    method: str
+    headers: str | None  # JSON
+    body: bytes | None  # JSON
+    priority: int
+    dedup_key: str | None
+    ordering_key: str | None
+    attempt: int
+    max_attempts: int | None
+    timeout_seconds: float
+    last_error: str | None
+    created_at: datetime
+    scheduled_at: datetime | None
+    attempted_at: datetime | None
+    finalized_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,12 +284,12 @@ class Store:
         lease_seconds: float,
         floor: int,
         cover_timeout: bool,
-    ) -> list[asyncpg.Record]:
+    ) -> list[LeasedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
+            records = await conn.fetch(
                 queries.LEASE, queue, limit, leased_by, lease_seconds, floor, cover_timeout
             )
-            return rows
+        return _rows(LeasedRow, records)
 
     async def record_outcomes(
         self,
@@ -207,57 +299,54 @@ class Store:
         verdicts: Sequence[str],
         retry_afters: Sequence[float | None],
         errors: Sequence[str | None],
-    ) -> list[asyncpg.Record]:
+    ) -> list[FinishedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
+            records = await conn.fetch(
                 queries.RECORD_OUTCOMES, ids, attempts, verdicts, retry_afters, errors, leased_by
             )
-            return rows
+        return _rows(FinishedRow, records)
 
     async def complete(
         self, leased_by: str, ids: Sequence[int], attempts: Sequence[int]
-    ) -> list[asyncpg.Record]:
+    ) -> list[FinishedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                queries.COMPLETE, ids, attempts, leased_by
-            )
-            return rows
+            records = await conn.fetch(queries.COMPLETE, ids, attempts, leased_by)
+        return _rows(FinishedRow, records)
 
     async def release(
         self, leased_by: str, ids: Sequence[int], attempts: Sequence[int]
-    ) -> list[asyncpg.Record]:
+    ) -> list[ReleasedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.RELEASE, ids, attempts, leased_by)
-            return rows
+            records = await conn.fetch(queries.RELEASE, ids, attempts, leased_by)
+        return _rows(ReleasedRow, records)
 
     async def extend(
         self, leased_by: str, ids: Sequence[int], attempts: Sequence[int], seconds: float
-    ) -> list[asyncpg.Record]:
+    ) -> list[ExtendedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                queries.EXTEND, ids, attempts, leased_by, seconds
-            )
-            return rows
+            records = await conn.fetch(queries.EXTEND, ids, attempts, leased_by, seconds)
+        return _rows(ExtendedRow, records)
 
     # -- maintenance ----------------------------------------------------------------------
 
-    async def rescue_expired(self) -> list[asyncpg.Record]:
+    async def rescue_expired(self, limit: int = RESCUE_BATCH) -> list[RescuedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.RESCUE_EXPIRED)
-            return rows
+            records = await conn.fetch(queries.RESCUE_EXPIRED, limit)
+        return _rows(RescuedRow, records)
 
-    async def promote_due(self) -> list[str]:
+    async def promote_due(self, limit: int = PROMOTE_BATCH) -> list[str]:
+        """The queue of each message made available (one entry per message)."""
         async with self.dispatch_pool.acquire() as conn:
-            return [r["queue"] for r in await conn.fetch(queries.PROMOTE_DUE)]
+            return [r["queue"] for r in await conn.fetch(queries.PROMOTE_DUE, limit)]
 
     async def seconds_until_next_due(self) -> float | None:
         async with self.dispatch_pool.acquire() as conn:
             value: float | None = await conn.fetchval(queries.SECONDS_UNTIL_NEXT_DUE)
             return value
 
-    async def prune_finished(self, older_than_seconds: float) -> int:
+    async def prune_finished(self, older_than_seconds: float, limit: int = PRUNE_BATCH) -> int:
         async with self.dispatch_pool.acquire() as conn:
-            status: str = await conn.execute(queries.PRUNE_FINISHED, older_than_seconds)
+            status: str = await conn.execute(queries.PRUNE_FINISHED, older_than_seconds, limit)
         return int(status.split()[-1])
 
     async def depths(self, queue: str | None = None) -> dict[str, QueueDepth]:
@@ -286,18 +375,20 @@ class Store:
 
     # -- messages -------------------------------------------------------------------------
 
-    async def get_message(self, msg_id: int) -> asyncpg.Record | None:
+    async def get_message(self, msg_id: int) -> MessageRow | None:
         async with self.pool.acquire() as conn:
-            return await conn.fetchrow(queries.GET_MESSAGE, msg_id)
+            record = await conn.fetchrow(queries.GET_MESSAGE, msg_id)
+        return None if record is None else MessageRow(**record)
 
-    async def cancel_message(self, msg_id: int) -> asyncpg.Record | None:
+    async def cancel_message(self, msg_id: int) -> CancelledRow | None:
         async with self.pool.acquire() as conn:
-            return await conn.fetchrow(queries.CANCEL_MESSAGE, msg_id)
+            record = await conn.fetchrow(queries.CANCEL_MESSAGE, msg_id)
+        return None if record is None else CancelledRow(**record)
 
-    async def list_dead(self, queue: str, after: int, limit: int) -> list[asyncpg.Record]:
+    async def list_dead(self, queue: str, after: int, limit: int) -> list[MessageRow]:
         async with self.pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_DEAD, queue, after, limit)
-            return rows
+            records = await conn.fetch(queries.LIST_DEAD, queue, after, limit)
+        return _rows(MessageRow, records)
 
     async def redrive_dead(self, queue: str, ids: Sequence[int] | None) -> int:
         async with self.pool.acquire() as conn:
