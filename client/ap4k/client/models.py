@@ -15,26 +15,11 @@ from typing import Any, Self, TypedDict, cast
 import msgspec
 
 from ap4k.core import wire
-from ap4k.core.wire import QueueDepth, QueueSettingsView
+from ap4k.core.wire import QueueDepth as QueueDepth
+from ap4k.core.wire import QueueSettingsView as QueueSettingsView
 
 JSON = Any  # any value `json.dumps` accepts
 MESSAGE_STATES = wire.STATES
-
-__all__ = [
-    "JSON",
-    "MESSAGE_STATES",
-    "Cancelled",
-    "DeadLetters",
-    "Enqueued",
-    "Message",
-    "MessageOptions",
-    "NewMessage",
-    "Queue",
-    "QueueDepth",
-    "QueueSettings",
-    "QueueSettingsView",
-    "parse_time",
-]
 
 
 class _FromJson:

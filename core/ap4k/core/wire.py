@@ -343,12 +343,6 @@ class AckResult(Struct):
     refused: list[str]
 
 
-class ExtendRequest(Struct, forbid_unknown_fields=True):
-    carrier: CarrierId
-    leases: Annotated[list[LeaseRef], Meta(max_length=MAX_LEASE_IDS)]
-    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
-
-
 class Extension(Struct):
     id: str
     lease_expires_at: datetime | None
@@ -360,8 +354,16 @@ class Extended(Struct):
 
 
 class ReleaseRequest(Struct, forbid_unknown_fields=True):
+    """Give leases back undelivered (the messages are available again at once)."""
+
     carrier: CarrierId
     leases: Annotated[list[LeaseRef], Meta(max_length=MAX_LEASE_IDS)]
+
+
+class ExtendRequest(ReleaseRequest, forbid_unknown_fields=True):
+    """Push live leases' expiry out (a carrier's heartbeat for slow deliveries)."""
+
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
 
 
 class Released(Struct):

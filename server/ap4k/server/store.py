@@ -126,49 +126,26 @@ class QueueSettings:
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> QueueSettings:
-        return cls(
-            name=r["name"],
-            max_attempts=r["max_attempts"],
-            min_backoff_seconds=r["min_backoff_seconds"],
-            max_backoff_seconds=r["max_backoff_seconds"],
-            rate_limit_per_second=r["rate_limit_per_second"],
-            max_concurrency=r["max_concurrency"],
-            paused=r["paused"],
-            base_url=r["base_url"],
-            allowed_targets=tuple(r["allowed_targets"] or ()),
-            signing_secret=r["signing_secret"],
-        )
+        """A row of QUEUE_COLUMNS, which are this class's fields."""
+        return cls(**{**r, "allowed_targets": tuple(r["allowed_targets"] or ())})
 
     @classmethod
     def from_view(cls, name: str, view: wire.QueueSettingsView) -> QueueSettings:
         """`view`'s settings (with no signing secret): `wire.QueueSettingsView()` holds a new
         queue's defaults."""
-        return cls(
-            name=name,
-            max_attempts=view.max_attempts,
-            min_backoff_seconds=view.min_backoff_seconds,
-            max_backoff_seconds=view.max_backoff_seconds,
-            rate_limit_per_second=view.rate_limit_per_second,
-            max_concurrency=view.max_concurrency,
-            paused=view.paused,
-            base_url=view.base_url,
-            allowed_targets=tuple(view.allowed_targets),
-            signing_secret=None,
-        )
+        shown = {f: getattr(view, f) for f in _SHOWN}
+        shown["allowed_targets"] = tuple(view.allowed_targets)
+        return cls(name=name, signing_secret=None, **shown)
 
     def public(self) -> wire.QueueSettingsView:
         """The settings as the API shows them: the signing secret never leaves the server."""
-        return wire.QueueSettingsView(
-            max_attempts=self.max_attempts,
-            min_backoff_seconds=self.min_backoff_seconds,
-            max_backoff_seconds=self.max_backoff_seconds,
-            rate_limit_per_second=self.rate_limit_per_second,
-            max_concurrency=self.max_concurrency,
-            paused=self.paused,
-            base_url=self.base_url,
-            allowed_targets=list(self.allowed_targets),
-            signing_secret_set=self.signing_secret is not None,
-        )
+        shown = {f: getattr(self, f) for f in _SHOWN}
+        shown["allowed_targets"] = list(self.allowed_targets)
+        return wire.QueueSettingsView(**shown, signing_secret_set=self.signing_secret is not None)
+
+
+# The settings the API shows as they are (all but the secret, shown only as "is set").
+_SHOWN = tuple(f for f in wire.QueueSettingsView.__struct_fields__ if f != "signing_secret_set")
 
 
 @dataclass(slots=True)
