@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ap4k.core import wire
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
@@ -11,8 +13,8 @@ class ApiError(Exception):
         self.message = message
         self.field = field
 
-    def body(self) -> dict[str, object]:
-        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+    def body(self) -> wire.ErrorBody:
+        return wire.ErrorBody(wire.ErrorDetail(self.code, self.message, self.field))
 
 
 def invalid(field: str, message: str) -> ApiError:
