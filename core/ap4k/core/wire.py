@@ -45,6 +45,7 @@ MAX_ALLOWED_TARGETS = 100
 MAX_LEASE_IDS = 10_000
 MAX_LEASE_ATTEMPT = 1_000_000
 MAX_PAGE = 1000  # dead letters per page
+MAX_THROUGHPUT_WINDOW = 3600.0  # seconds GET /v1/throughput looks back at most
 
 # Patterns end in `$(?!\\n)`: msgspec matches with Python's `re`, whose `$` also matches before
 # a final newline ("name\\n" would pass); the lookahead means the same in JSON Schema's dialect.
@@ -282,6 +283,19 @@ class QueueView(Struct):
 
 class QueueList(Struct):
     queues: list[QueueView]
+
+
+class QueueThroughput(Struct):
+    name: str
+    completed: Annotated[int, Meta(ge=0)]
+
+
+class Throughput(Struct):
+    """Messages delivered per queue over the last `seconds`, counted in PostgreSQL (once
+    across server replicas); queues with none are left out."""
+
+    seconds: float
+    queues: list[QueueThroughput]
 
 
 # -- the carrier protocol -------------------------------------------------------------------

@@ -318,9 +318,6 @@ async def list_queues(request: web.Request) -> web.Response:
     return json_response(wire.QueueList([queue_view(q, depths.get(q.name)) for q in queues]))
 
 
-MAX_THROUGHPUT_WINDOW = 3600.0
-
-
 async def throughput(request: web.Request) -> web.Response:
     """Messages delivered per queue over the last `seconds` (default 60): for autoscaling."""
     raw = request.query.get("seconds", "60")
@@ -328,13 +325,16 @@ async def throughput(request: web.Request) -> web.Response:
         seconds = float(raw)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds <= MAX_THROUGHPUT_WINDOW:  # also refuses nan and inf
-        raise invalid("seconds", f"seconds must be a number in (0, {MAX_THROUGHPUT_WINDOW:g}]")
+    if not 0 < seconds <= wire.MAX_THROUGHPUT_WINDOW:  # also refuses nan and inf
+        raise invalid(
+            "seconds", f"seconds must be a number in (0, {wire.MAX_THROUGHPUT_WINDOW:g}]"
+        )
     completed = await _services(request).store.completed_within(seconds)
-    return json_response({
-        "seconds": seconds,
-        "queues": [{"name": name, "completed": n} for name, n in sorted(completed.items())],
-    })
+    return json_response(
+        wire.Throughput(
+            seconds, [wire.QueueThroughput(name, n) for name, n in sorted(completed.items())]
+        )
+    )
 
 
 async def get_queue(request: web.Request) -> web.Response:

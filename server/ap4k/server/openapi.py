@@ -65,6 +65,7 @@ WIRE_OBJECTS: tuple[type[msgspec.Struct], ...] = (
     wire.QueueSettingsUpdate,
     wire.QueueView,
     wire.QueueList,
+    wire.Throughput,
     wire.LeaseRequest,
     wire.Leased,
     wire.AckRequest,
@@ -179,27 +180,13 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "getThroughput",
                 "parameters": [{
                     "name": "seconds", "in": "query", "required": False,
-                    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
-                               "default": 60},
+                    "schema": {"type": "number", "exclusiveMinimum": 0,
+                               "maximum": wire.MAX_THROUGHPUT_WINDOW, "default": 60},
                 }],
                 "responses": _responses(
                     (
                         "200",
-                        {
-                            "type": "object",
-                            "required": ["seconds", "queues"],
-                            "properties": {
-                                "seconds": {"type": "number"},
-                                "queues": {"type": "array", "items": {
-                                    "type": "object",
-                                    "required": ["name", "completed"],
-                                    "properties": {
-                                        "name": {"type": "string"},
-                                        "completed": {"type": "integer", "minimum": 0},
-                                    },
-                                }},
-                            },
-                        },
+                        _ref("Throughput"),
                         "Messages delivered per queue over the last `seconds`, counted in "
                         "PostgreSQL (once across server replicas); queues with none are left "
                         "out",
