@@ -29,6 +29,7 @@ import orjson
 
 from ap4k.carrier import metrics
 from ap4k.core.delivery import Deliverer, Delivery, Outcome
+from ap4k.core.signatures import secret_key
 
 log = logging.getLogger("ap4k.carrier")
 
@@ -206,6 +207,10 @@ class Carrier:
             self.healthy = True
             backoff = 0.1
             secrets: dict[str, str] = answer.get("signing_secrets", {})
+            keys = {
+                queue: tuple(secret_key(s) for s in given)
+                for queue, given in answer.get("webhook_secrets", {}).items()
+            }
             messages = answer["messages"]
             metrics.LEASED.inc(len(messages))
             for m in messages:
@@ -225,6 +230,7 @@ class Carrier:
                         created_at=m["created_at"],
                         ordering_key=m["ordering_key"],
                         signing_secret=secrets.get(m["queue"]),
+                        webhook_keys=keys.get(m["queue"], ()),
                         explicitly_allowed=m["explicitly_allowed"],
                     )
                 )

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
-import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from enum import StrEnum
 import aiohttp
 from yarl import URL
 
+from ap4k.core.signatures import legacy_signature, webhook_signature
 from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_host
 
 log = logging.getLogger("ap4k.delivery")
@@ -50,7 +49,8 @@ class Delivery:
     timeout_seconds: float
     created_at: float  # epoch seconds, for end-to-end latency
     ordering_key: str | None = None
-    signing_secret: str | None = None
+    signing_secret: str | None = None  # deprecated: the Ap4k-Signature header
+    webhook_keys: tuple[bytes, ...] = ()  # Standard Webhooks: the queue's secrets' keys
     # The queue's allow-list names this target's host: link-local addresses may be used.
     explicitly_allowed: bool = False
 
@@ -70,12 +70,6 @@ def excerpt(body: bytes) -> str | None:
     if not body:
         return None
     return body[:EXCERPT_BYTES].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-
-
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """HMAC-SHA256 over "<timestamp>.<body>", as the Ap4k-Signature header carries it."""
-    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -171,10 +165,19 @@ class Deliverer:
         if d.headers:
             headers.update(d.headers)
         body = d.body or b""
-        if d.signing_secret:
+        if d.webhook_keys or d.signing_secret:
             timestamp = int(time.time())
-            headers["Ap4k-Timestamp"] = str(timestamp)
-            headers["Ap4k-Signature"] = sign(d.signing_secret, timestamp, body)
+            if d.webhook_keys:
+                # The message id is the same on every attempt: the receiver's idempotency key.
+                msg_id = str(d.id)
+                headers["webhook-id"] = msg_id
+                headers["webhook-timestamp"] = str(timestamp)
+                headers["webhook-signature"] = webhook_signature(
+                    d.webhook_keys, msg_id, timestamp, body
+                )
+            if d.signing_secret:
+                headers["Ap4k-Timestamp"] = str(timestamp)
+                headers["Ap4k-Signature"] = legacy_signature(d.signing_secret, timestamp, body)
         guarded = not d.explicitly_allowed
         try:
             url, blocked = self._parse(d.target)

@@ -107,6 +107,20 @@ AllowedTargets = Annotated[
     Meta(max_length=MAX_ALLOWED_TARGETS, description="URL prefixes that targets must start with."),
 ]
 SigningSecret = Annotated[str, Meta(min_length=1, max_length=256, pattern=NO_NUL)]
+# Standard Webhooks' form: "whsec_" and the base64 of 24 to 64 random bytes.
+WEBHOOK_SECRET_PATTERN = "^whsec_[A-Za-z0-9+/]{32,88}={0,2}" + END
+MAX_SIGNING_SECRETS = 2
+WebhookSecret = Annotated[str, Meta(pattern=WEBHOOK_SECRET_PATTERN)]
+SigningSecrets = Annotated[
+    list[WebhookSecret],
+    Meta(
+        max_length=MAX_SIGNING_SECRETS,
+        description=(
+            "Standard Webhooks secrets (whsec_<base64>), oldest first: every delivery carries "
+            "one webhook-signature entry per secret, so a rotation is add, move receivers, drop."
+        ),
+    ),
+]
 QueueName = Annotated[str, Meta(pattern=QUEUE_NAME_PATTERN)]
 MessageId = Annotated[str, Meta(pattern=MESSAGE_ID_PATTERN)]
 CarrierId = Annotated[
@@ -261,8 +275,11 @@ class QueueSettingsUpdate(Struct, forbid_unknown_fields=True, omit_defaults=True
     paused: bool | UnsetType = UNSET
     base_url: UrlPrefix | UnsetType | None = UNSET
     allowed_targets: AllowedTargets | UnsetType | None = UNSET
-    # Write-only: the server reports only whether one is set.
+    # Write-only: the server reports only whether one is set. Deprecated: the Ap4k-Signature
+    # header it makes stays for one version; `signing_secrets` is its successor.
     signing_secret: SigningSecret | UnsetType | None = UNSET
+    # Write-only: the server reports only how many are set.
+    signing_secrets: SigningSecrets | UnsetType | None = UNSET
 
     def changes(self) -> dict[str, Any]:
         """The settings given, by name."""
@@ -285,6 +302,7 @@ class QueueSettingsView(Struct):
     base_url: str | None = None
     allowed_targets: list[str] = msgspec.field(default_factory=list)
     signing_secret_set: bool = False
+    signing_secrets_set: int = 0
 
 
 class QueueDepth(Struct):
@@ -354,7 +372,20 @@ class LeasedMessage(Struct):
 
 class Leased(Struct):
     messages: list[LeasedMessage]
+    # By queue: the deprecated Ap4k-Signature secret, and the Standard Webhooks secrets.
     signing_secrets: dict[str, str] = msgspec.field(default_factory=dict)
+    webhook_secrets: dict[str, list[str]] = msgspec.field(default_factory=dict)
+
+
+class NewSigningSecret(Struct):
+    """A secret the server made and added to a queue: shown this once, never again."""
+
+    signing_secret: str
+    signing_secrets_set: int
+
+
+class SigningSecretsCount(Struct):
+    signing_secrets_set: int
 
 
 class LeaseRef(Struct, forbid_unknown_fields=True):

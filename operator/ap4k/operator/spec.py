@@ -27,9 +27,9 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _HTTP_URL = re.compile(r"^https?://\S+$")
 
-# Queue settings an AsyncQueue does not carry: a signing secret does not belong in a resource
+# Queue settings an AsyncQueue does not carry: signing secrets do not belong in a resource
 # that everyone who may read AsyncQueues can read.
-NOT_IN_RESOURCE = frozenset({"signing_secret"})
+NOT_IN_RESOURCE = frozenset({"signing_secret", "signing_secrets"})
 # spec.queues[] fields (camelCase, as in the CRD) → the server's PUT /v1/queues/{name} fields:
 # the server's own settings (`wire.QueueSettingsUpdate`), checked with the same declaration.
 QUEUE_SETTINGS: dict[str, str] = {

@@ -22,7 +22,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from ap4k.core import wire
+from ap4k.core import signatures, wire
 from ap4k.core.delivery import Delivery, Verdict
 from ap4k.core.targets import TargetError
 from ap4k.server.dispatcher import DispatcherPool
@@ -324,6 +324,7 @@ async def enqueue(request: web.Request) -> web.Response:
                     timeout_seconds=m.timeout_seconds,
                     created_at=created_at,
                     signing_secret=settings.signing_secret,
+                    webhook_keys=settings.webhook_keys,
                     explicitly_allowed=explicit,
                 )
             )
@@ -410,14 +411,47 @@ async def put_queue(request: web.Request) -> web.Response:
         changes.get("max_backoff_seconds", current.max_backoff_seconds),
     )
     settings = await services.store.update_queue(name, changes)
-    services.directory.put(settings)
-    services.directory.invalidate(name)
-    await services.store.notify(SETTINGS_CHANNEL, name)
-    if not settings.paused:
-        services.wakeups.announce([name])
+    await _settings_changed(services, settings)
     depths = await services.store.depths(name)
     recent = await services.store.recent_outcomes(RATE_WINDOW_SECONDS)
     return json_response(queue_view(settings, depths.get(name), recent.get(name)))
+
+
+async def _settings_changed(services: Services, settings: QueueSettings) -> None:
+    """Every replica and carrier picks up a queue's new settings."""
+    services.directory.put(settings)
+    services.directory.invalidate(settings.name)
+    await services.store.notify(SETTINGS_CHANNEL, settings.name)
+    if not settings.paused:
+        services.wakeups.announce([settings.name])
+
+
+async def add_signing_secret(request: web.Request) -> web.Response:
+    """Generate a Standard Webhooks secret, add it to the queue and show it, this once."""
+    services = _services(request)
+    name = check_queue_name(request.match_info["queue"])
+    secret = signatures.new_secret()
+    settings = await services.store.add_signing_secret(name, secret)
+    if settings is None:
+        raise ApiError(
+            409,
+            "too_many_signing_secrets",
+            f"the queue has {wire.MAX_SIGNING_SECRETS} signing secrets already: drop the "
+            "oldest first (DELETE /v1/queues/{queue}/signing-secrets/oldest)",
+            "signing_secrets",
+        )
+    await _settings_changed(services, settings)
+    return json_response(wire.NewSigningSecret(secret, len(settings.signing_secrets)), 201)
+
+
+async def drop_oldest_signing_secret(request: web.Request) -> web.Response:
+    services = _services(request)
+    name = check_queue_name(request.match_info["queue"])
+    settings = await services.store.drop_oldest_signing_secret(name)
+    if settings is None:
+        raise not_found("queue")
+    await _settings_changed(services, settings)
+    return json_response(wire.SigningSecretsCount(len(settings.signing_secrets)))
 
 
 async def _existing_queue(request: web.Request) -> str:
@@ -535,6 +569,7 @@ async def lease(request: web.Request) -> web.Response:
     messages: list[wire.LeasedMessage] = []
     ids: list[int] = []
     secrets: dict[str, str] = {}
+    webhook_secrets: dict[str, list[str]] = {}
     while True:
         queues = wanted or await services.directory.unpaused_names()
         for queue in queues:
@@ -544,11 +579,14 @@ async def lease(request: web.Request) -> web.Response:
             settings = await services.directory.get(queue, create=False)
             if settings is None or settings.paused:
                 continue
-            for item in await services.leaser.lease(settings, room, leased_by, body.lease_seconds):
+            leased = await services.leaser.lease(settings, room, leased_by, body.lease_seconds)
+            for item in leased:
                 messages.append(_leased(item))
                 ids.append(item.id)
-                if item.signing_secret:
-                    secrets[queue] = item.signing_secret
+            if leased and settings.signing_secret:
+                secrets[queue] = settings.signing_secret
+            if leased and settings.signing_secrets:
+                webhook_secrets[queue] = list(settings.signing_secrets)
         remaining = deadline - time.monotonic()
         transport = request.transport
         if messages or remaining <= 0 or transport is None or transport.is_closing():
@@ -559,7 +597,7 @@ async def lease(request: web.Request) -> web.Response:
         # The carrier hung up while we leased for it: give the leases back at once.
         await services.store.release(leased_by, ids, [m.attempt for m in messages])
         raise ApiError(499, "client_closed", "the carrier closed the connection")
-    return json_response(wire.Leased(messages, secrets))
+    return json_response(wire.Leased(messages, secrets, webhook_secrets))
 
 
 def _leased(d: Delivery) -> wire.LeasedMessage:
@@ -670,6 +708,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/queues/{queue}", get_queue)
     app.router.add_put("/v1/queues/{queue}", put_queue)
     app.router.add_get("/v1/queues/{queue}/messages", list_messages)
+    app.router.add_post("/v1/queues/{queue}/signing-secrets", add_signing_secret)
+    app.router.add_delete("/v1/queues/{queue}/signing-secrets/oldest", drop_oldest_signing_secret)
     app.router.add_get("/v1/queues/{queue}/dead", list_dead)
     app.router.add_post("/v1/queues/{queue}/dead/redrive", redrive_dead)
     app.router.add_delete("/v1/queues/{queue}/dead", purge_dead)

@@ -148,6 +148,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _server_flags(queues)
     queues.set_defaults(func=run_queues)
 
+    queue = subparsers.add_parser("queue", help="change a queue")
+    queue_actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    queue_set = queue_actions.add_parser(
+        "set", help="change a queue's settings (signing secrets: one rotation step at a time)"
+    )
+    queue_set.add_argument("queue")
+    rotation = queue_set.add_mutually_exclusive_group(required=True)
+    rotation.add_argument(
+        "--new-signing-secret",
+        action="store_true",
+        help="generate a Standard Webhooks secret, add it and print it (shown only this once)",
+    )
+    rotation.add_argument(
+        "--drop-old-signing-secret",
+        action="store_true",
+        help="drop the oldest signing secret, once receivers verify with the newer one",
+    )
+    _server_flags(queue_set)
+    queue_set.set_defaults(func=run_queue_set)
+
     dead = subparsers.add_parser("dead", help="list a queue's dead letters")
     dead.add_argument("queue")
     dead.add_argument("--limit", type=int, default=100)
@@ -314,6 +334,12 @@ def run_send(args: argparse.Namespace) -> int:
 
 def run_queues(args: argparse.Namespace) -> int:
     return _call(args, "GET", "/v1/queues")
+
+
+def run_queue_set(args: argparse.Namespace) -> int:
+    if args.new_signing_secret:
+        return _call(args, "POST", f"/v1/queues/{args.queue}/signing-secrets")
+    return _call(args, "DELETE", f"/v1/queues/{args.queue}/signing-secrets/oldest")
 
 
 def run_dead(args: argparse.Namespace) -> int:

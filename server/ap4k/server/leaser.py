@@ -110,5 +110,6 @@ class Leaser:
             created_at=record["created_at"].timestamp(),
             ordering_key=record["ordering_key"],
             signing_secret=settings.signing_secret,
+            webhook_keys=settings.webhook_keys,
             explicitly_allowed=explicit,
         )

@@ -33,7 +33,7 @@ def _responses(ok: tuple[str, dict[str, Any], str], *errors: str) -> dict[str, A
         "400": "Invalid request (the error names the field)",
         "401": "Missing or wrong bearer token",
         "404": "Not found",
-        "409": "Conflict with the message's state",
+        "409": "Conflict with the message's or the queue's state",
         "413": "Request body too large",
         "503": "Database unavailable; retry",
     }
@@ -85,6 +85,8 @@ WIRE_OBJECTS: tuple[type[msgspec.Struct], ...] = (
     wire.Extended,
     wire.ReleaseRequest,
     wire.Released,
+    wire.NewSigningSecret,
+    wire.SigningSecretsCount,
     wire.ErrorBody,
 )
 
@@ -270,6 +272,26 @@ def openapi_document() -> dict[str, Any]:
                     ("200", _ref("QueueView"), "The queue, updated"), "400", "413"
                 ),
             },
+        },
+        "/v1/queues/{queue}/signing-secrets": {
+            "post": {
+                "operationId": "addSigningSecret",
+                "summary": "Generate a Standard Webhooks secret and add it (shown this once)",
+                "parameters": [QUEUE_PARAM],
+                "responses": _responses(
+                    ("201", _ref("NewSigningSecret"), "The new secret"), "400", "409"
+                ),
+            }
+        },
+        "/v1/queues/{queue}/signing-secrets/oldest": {
+            "delete": {
+                "operationId": "dropOldestSigningSecret",
+                "summary": "Drop the oldest signing secret (the end of a rotation)",
+                "parameters": [QUEUE_PARAM],
+                "responses": _responses(
+                    ("200", _ref("SigningSecretsCount"), "How many secrets remain"), "400", "404"
+                ),
+            }
         },
         "/v1/queues/{queue}/dead": {
             "get": {

@@ -351,7 +351,7 @@ INSERT INTO ap4k_queues (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO N
 
 QUEUE_COLUMNS = """
 name, max_attempts, min_backoff_seconds, max_backoff_seconds, rate_limit_per_second,
-max_concurrency, paused, base_url, allowed_targets, signing_secret
+max_concurrency, paused, base_url, allowed_targets, signing_secret, signing_secrets
 """
 
 GET_QUEUE = f"SELECT {QUEUE_COLUMNS} FROM ap4k_queues WHERE name = $1"
@@ -362,6 +362,20 @@ UNPAUSED_QUEUE_NAMES = "SELECT name FROM ap4k_queues WHERE NOT paused"
 UPDATE_QUEUE_TEMPLATE = """
 UPDATE ap4k_queues SET {assignments}, updated_at = now() WHERE name = $1
 RETURNING {columns}
+"""
+
+# Rotation, one step at a time: a secret is added only while fewer than two are set (the
+# caller generated it), and the oldest is dropped once receivers have moved to the newer.
+ADD_SIGNING_SECRET = f"""
+UPDATE ap4k_queues SET signing_secrets = signing_secrets || $2::text, updated_at = now()
+ WHERE name = $1 AND cardinality(signing_secrets) < $3
+RETURNING {QUEUE_COLUMNS}
+"""
+
+DROP_OLDEST_SIGNING_SECRET = f"""
+UPDATE ap4k_queues SET signing_secrets = signing_secrets[2:], updated_at = now()
+ WHERE name = $1
+RETURNING {QUEUE_COLUMNS}
 """
 
 NOTIFY = "SELECT pg_notify($1, $2)"

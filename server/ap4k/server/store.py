@@ -12,10 +12,12 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from ap4k.core import wire
+from ap4k.core import signatures, wire
 from ap4k.server import queries
 from ap4k.server.migrate import migrate
 
+# Settings stored as arrays, never NULL: "none" is the empty array.
+LIST_SETTINGS = frozenset({"allowed_targets", "signing_secrets"})
 STATES = ("available", "scheduled", "running", "retryable", "discarded")
 MAX_ID = 2**63 - 1
 
@@ -32,6 +34,8 @@ class QueueSettings:
     base_url: str | None
     allowed_targets: tuple[str, ...]
     signing_secret: str | None
+    signing_secrets: tuple[str, ...] = ()
+    webhook_keys: tuple[bytes, ...] = ()  # the HMAC keys of signing_secrets
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> QueueSettings:
@@ -46,6 +50,8 @@ class QueueSettings:
             base_url=r["base_url"],
             allowed_targets=tuple(r["allowed_targets"] or ()),
             signing_secret=r["signing_secret"],
+            signing_secrets=tuple(r["signing_secrets"]),
+            webhook_keys=tuple(signatures.secret_key(s) for s in r["signing_secrets"]),
         )
 
     @classmethod
@@ -77,6 +83,7 @@ class QueueSettings:
             base_url=self.base_url,
             allowed_targets=list(self.allowed_targets),
             signing_secret_set=self.signing_secret is not None,
+            signing_secrets_set=len(self.signing_secrets),
         )
 
 
@@ -388,6 +395,21 @@ class Store:
         async with self.pool.acquire() as conn:
             return [r["name"] for r in await conn.fetch(queries.UNPAUSED_QUEUE_NAMES)]
 
+    async def add_signing_secret(self, name: str, secret: str) -> QueueSettings | None:
+        """Add a secret (creating the queue if needed); None if two are set already."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(queries.ENSURE_QUEUES, [name])
+            record = await conn.fetchrow(
+                queries.ADD_SIGNING_SECRET, name, secret, wire.MAX_SIGNING_SECRETS
+            )
+        return None if record is None else QueueSettings.from_record(record)
+
+    async def drop_oldest_signing_secret(self, name: str) -> QueueSettings | None:
+        """None if the queue does not exist."""
+        async with self.pool.acquire() as conn:
+            record = await conn.fetchrow(queries.DROP_OLDEST_SIGNING_SECRET, name)
+        return None if record is None else QueueSettings.from_record(record)
+
     async def update_queue(self, name: str, changes: dict[str, Any]) -> QueueSettings:
         """Create the queue if needed, then set the given (already validated) settings."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -401,8 +423,7 @@ class Store:
                     assignments=assignments, columns=queries.QUEUE_COLUMNS
                 )
                 values = [
-                    changes[c] if c != "allowed_targets" else list(changes[c] or [])
-                    for c in columns
+                    list(changes[c] or []) if c in LIST_SETTINGS else changes[c] for c in columns
                 ]
                 record = await conn.fetchrow(sql, name, *values)
         assert record is not None

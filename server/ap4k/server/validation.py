@@ -18,13 +18,14 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from ap4k.core import names, wire
+from ap4k.core import names, signatures, wire
 from ap4k.server.errors import ApiError, invalid
 
 QUEUE_NAME = names.QUEUE_NAME
 # Headers that belong to the transport or to ap4k itself, not to the message.
 RESERVED_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te"}
+    | {"webhook-id", "webhook-timestamp", "webhook-signature"}  # Standard Webhooks' own
 )
 SETTING_FIELDS = wire.QueueSettingsUpdate.__struct_fields__
 
@@ -59,6 +60,7 @@ def parse_id(raw: object) -> int | None:
 
 
 # -- msgspec's errors as the API's ------------------------------------------------------------
+
 
 def refusal(error: msgspec.ValidationError, *, indexed: bool = True) -> ApiError:
     """The 400 for a msgspec validation error. `indexed=False` drops list positions from the
@@ -183,6 +185,11 @@ def parse_settings(raw: bytes) -> dict[str, Any]:
         changes["allowed_targets"] = [
             _url_prefix(v, "allowed_targets") for v in changes["allowed_targets"] or ()
         ]
+    for secret in changes.get("signing_secrets") or ():
+        try:
+            signatures.secret_key(secret)
+        except ValueError as exc:
+            raise invalid("signing_secrets", f"signing_secrets: {exc}") from None
     check_backoff(changes.get("min_backoff_seconds"), changes.get("max_backoff_seconds"))
     return changes
 
