@@ -131,7 +131,9 @@ class Server:
             prune_interval=s.prune_interval_seconds,
             gauges_interval=s.gauges_interval_seconds,
         )
-        self.recorder = OutcomeRecorder(store, wakeups, self.maintenance.poke_scheduler)
+        self.recorder = OutcomeRecorder(
+            store, wakeups, self.maintenance.poke_scheduler, directory=directory
+        )
         self.leaser = Leaser(store, directory, self.recorder)
         self.dispatchers = DispatcherPool(
             store,

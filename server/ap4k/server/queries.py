@@ -57,7 +57,7 @@ FIND_BY_DEDUP_KEY = """
 SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_key = $2
 """
 
-LEASE = "SELECT * FROM ap4k_lease($1, $2, $3, $4, $5, $6)"
+LEASE = "SELECT * FROM ap4k_lease_v2($1, $2, $3, $4, $5, $6)"
 
 # Outcomes of deliveries, batched, from dispatchers and carriers alike. The decision is made
 # here, in one place: 2xx completes; a retryable failure waits out its backoff (Retry-After,
@@ -351,7 +351,8 @@ INSERT INTO ap4k_queues (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO N
 
 QUEUE_COLUMNS = """
 name, max_attempts, min_backoff_seconds, max_backoff_seconds, rate_limit_per_second,
-max_concurrency, paused, base_url, allowed_targets, signing_secret, signing_secrets
+max_concurrency, paused, base_url, allowed_targets, signing_secret, signing_secrets,
+circuit_breaker::text AS circuit_breaker
 """
 
 GET_QUEUE = f"SELECT {QUEUE_COLUMNS} FROM ap4k_queues WHERE name = $1"
@@ -377,6 +378,22 @@ UPDATE ap4k_queues SET signing_secrets = signing_secrets[2:], updated_at = now()
  WHERE name = $1
 RETURNING {QUEUE_COLUMNS}
 """
+
+# Circuit breakers (migrations/0003): outcomes of one queue's deliveries, and what is held.
+RECORD_CIRCUITS = "SELECT * FROM ap4k_circuit_record($1, $2, $3)"
+
+LIST_CIRCUITS = """
+SELECT origin, state, opened_at, probe_at, failures, attempts
+  FROM ap4k_circuits
+ WHERE queue = $1 AND state <> 'closed'
+ ORDER BY origin
+"""
+
+HELD_CIRCUITS = """
+SELECT queue, count(*) AS n FROM ap4k_circuits WHERE state <> 'closed' GROUP BY queue
+"""
+
+FORGET_CIRCUITS = "DELETE FROM ap4k_circuits WHERE queue = $1"
 
 NOTIFY = "SELECT pg_notify($1, $2)"
 WAKEUP_CHANNEL = "ap4k_wakeup"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -36,6 +36,7 @@ class QueueSettings:
     signing_secret: str | None
     signing_secrets: tuple[str, ...] = ()
     webhook_keys: tuple[bytes, ...] = ()  # the HMAC keys of signing_secrets
+    circuit_breaker: wire.CircuitBreaker | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> QueueSettings:
@@ -52,6 +53,7 @@ class QueueSettings:
             signing_secret=r["signing_secret"],
             signing_secrets=tuple(r["signing_secrets"]),
             webhook_keys=tuple(signatures.secret_key(s) for s in r["signing_secrets"]),
+            circuit_breaker=_decode_setting(r["circuit_breaker"], wire.CircuitBreaker),
         )
 
     @classmethod
@@ -84,7 +86,24 @@ class QueueSettings:
             allowed_targets=list(self.allowed_targets),
             signing_secret_set=self.signing_secret is not None,
             signing_secrets_set=len(self.signing_secrets),
+            circuit_breaker=self.circuit_breaker,
         )
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def _decode_setting(text: str | None, kind: type[S]) -> S | None:
+    """A setting stored as jsonb (asyncpg hands it over as text)."""
+    return None if text is None else msgspec.json.decode(text, type=kind)
+
+
+def _encode_setting(value: Any) -> Any:
+    """A setting as its column takes it: arrays never NULL, structs as JSON with every field
+    (the SQL reads each one)."""
+    if isinstance(value, msgspec.Struct):
+        return msgspec.json.encode(msgspec.structs.asdict(value)).decode()
+    return value
 
 
 @dataclass(slots=True)
@@ -323,6 +342,26 @@ class Store:
             records = await conn.fetch(queries.COMPLETED_WITHIN, seconds)
         return {r["queue"]: r["n"] for r in records}
 
+    async def record_circuits(
+        self, queue: str, ids: Sequence[int], failed: Sequence[bool]
+    ) -> list[asyncpg.Record]:
+        """Count outcomes towards the queue's circuits; the circuits that changed state."""
+        async with self.dispatch_pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                queries.RECORD_CIRCUITS, queue, ids, failed
+            )
+            return rows
+
+    async def list_circuits(self, queue: str) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_CIRCUITS, queue)
+            return rows
+
+    async def held_circuits(self) -> dict[str, int]:
+        """Open and half-open circuits per queue."""
+        async with self.pool.acquire() as conn:
+            return {r["queue"]: r["n"] for r in await conn.fetch(queries.HELD_CIRCUITS)}
+
     async def notify(self, channel: str, payload: str) -> None:
         async with self.dispatch_pool.acquire() as conn:
             await conn.execute(queries.NOTIFY, channel, payload)
@@ -423,8 +462,11 @@ class Store:
                     assignments=assignments, columns=queries.QUEUE_COLUMNS
                 )
                 values = [
-                    list(changes[c] or []) if c in LIST_SETTINGS else changes[c] for c in columns
+                    list(changes[c] or []) if c in LIST_SETTINGS else _encode_setting(changes[c])
+                    for c in columns
                 ]
                 record = await conn.fetchrow(sql, name, *values)
+                if "circuit_breaker" in changes and changes["circuit_breaker"] is None:
+                    await conn.execute(queries.FORGET_CIRCUITS, name)
         assert record is not None
         return QueueSettings.from_record(record)
