@@ -84,7 +84,10 @@ def test_the_crd_spells_every_queue_setting_the_operator_carries() -> None:
 
 
 # Settings that are objects (`circuit_breaker`): their fields, by "setting.field".
-OBJECTS: dict[str, type[msgspec.Struct]] = {"circuit_breaker": wire.CircuitBreaker}
+OBJECTS: dict[str, type[msgspec.Struct]] = {
+    "circuit_breaker": wire.CircuitBreaker,
+    "flow_limits": wire.FlowLimits,
+}
 NESTED = {
     f"{setting}.{field}": _bounds(_schema_of(struct)["properties"][field])
     for setting, struct in OBJECTS.items()

@@ -57,6 +57,7 @@ class MessageOptions(TypedDict, total=False):
     ordering_key: str | None
     max_attempts: int | None
     timeout_seconds: float | None
+    flow_key: str | None
 
 
 class NewMessage(wire.MessageIn):

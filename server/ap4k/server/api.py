@@ -188,6 +188,7 @@ def _message_fields(r: asyncpg.Record) -> dict[str, Any]:
         "finalized_at": r["finalized_at"],
         "last_status": r["last_status"],
         "last_response_excerpt": r["last_response_excerpt"],
+        "flow_key": r["flow_key"],
     }
 
 
@@ -482,6 +483,15 @@ async def list_circuits(request: web.Request) -> web.Response:
     )
 
 
+async def list_flow_keys(request: web.Request) -> web.Response:
+    """The queue's busiest flow keys: in flight, then waiting."""
+    queue = await _existing_queue(request)
+    rows = await _services(request).store.list_flow_keys(queue, _limit(request))
+    return json_response(
+        wire.FlowKeyList([wire.FlowKey(r["flow_key"], r["in_flight"], r["waiting"]) for r in rows])
+    )
+
+
 def _limit(request: web.Request) -> int:
     limit = parse_id(request.query.get("limit", "100"))
     if limit is None or not 1 <= limit <= wire.MAX_PAGE:
@@ -732,6 +742,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/queues/{queue}/signing-secrets", add_signing_secret)
     app.router.add_delete("/v1/queues/{queue}/signing-secrets/oldest", drop_oldest_signing_secret)
     app.router.add_get("/v1/queues/{queue}/circuits", list_circuits)
+    app.router.add_get("/v1/queues/{queue}/flow-keys", list_flow_keys)
     app.router.add_get("/v1/queues/{queue}/dead", list_dead)
     app.router.add_post("/v1/queues/{queue}/dead/redrive", redrive_dead)
     app.router.add_delete("/v1/queues/{queue}/dead", purge_dead)

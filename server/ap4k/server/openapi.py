@@ -86,6 +86,7 @@ WIRE_OBJECTS: tuple[type[msgspec.Struct], ...] = (
     wire.ReleaseRequest,
     wire.Released,
     wire.CircuitList,
+    wire.FlowKeyList,
     wire.NewSigningSecret,
     wire.SigningSecretsCount,
     wire.ErrorBody,
@@ -301,6 +302,23 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [QUEUE_PARAM],
                 "responses": _responses(
                     ("200", _ref("CircuitList"), "Open and half-open circuits"), "400", "404"
+                ),
+            }
+        },
+        "/v1/queues/{queue}/flow-keys": {
+            "get": {
+                "operationId": "listFlowKeys",
+                "summary": "The busiest flow keys: in flight, then waiting",
+                "parameters": [
+                    QUEUE_PARAM,
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": wire.MAX_PAGE},
+                    },
+                ],
+                "responses": _responses(
+                    ("200", _ref("FlowKeyList"), "Flow keys with their counts"), "400", "404"
                 ),
             }
         },

@@ -15,15 +15,15 @@ WITH input AS (
            coalesce(t.not_before, now() + make_interval(secs => coalesce(t.delay, 0))) AS due
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int[],
                   $7::text[], $8::text[], $9::int[], $10::real[], $11::float8[],
-                  $12::timestamptz[], $13::text[])
+                  $12::timestamptz[], $13::text[], $15::text[])
            WITH ORDINALITY AS t(queue, target, method, headers, body, priority, dedup_key,
                                 ordering_key, max_attempts, timeout_seconds, delay,
-                                not_before, leased_by, ord)
+                                not_before, leased_by, flow_key, ord)
 ), inserted AS (
     INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
                                lease_order, dedup_key, ordering_key, max_attempts,
                                timeout_seconds, scheduled_at, attempt, leased_by,
-                               attempted_at, lease_expires_at)
+                               attempted_at, lease_expires_at, flow_key)
     SELECT id, queue,
            (CASE WHEN leased_by IS NOT NULL THEN 'running'
                  WHEN due > now() THEN 'scheduled'
@@ -33,7 +33,8 @@ WITH input AS (
            CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
            CASE WHEN leased_by IS NOT NULL THEN now() END,
            CASE WHEN leased_by IS NOT NULL
-                THEN now() + make_interval(secs => greatest($14, 2 * timeout_seconds + 1)) END
+                THEN now() + make_interval(secs => greatest($14, 2 * timeout_seconds + 1)) END,
+           flow_key
       FROM input
      ORDER BY ord
         ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
@@ -57,7 +58,7 @@ FIND_BY_DEDUP_KEY = """
 SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_key = $2
 """
 
-LEASE = "SELECT * FROM ap4k_lease_v2($1, $2, $3, $4, $5, $6)"
+LEASE = "SELECT * FROM ap4k_lease_v3($1, $2, $3, $4, $5, $6)"
 
 # Outcomes of deliveries, batched, from dispatchers and carriers alike. The decision is made
 # here, in one place: 2xx completes; a retryable failure waits out its backoff (Retry-After,
@@ -268,7 +269,7 @@ MESSAGE_COLUMNS = """
 id, queue, state::text AS state, target, method, headers, body, priority, dedup_key,
 ordering_key, attempt, coalesce(max_attempts, (SELECT q.max_attempts FROM ap4k_queues q
 WHERE q.name = queue)) AS max_attempts, timeout_seconds, last_error, created_at,
-scheduled_at, attempted_at, finalized_at,
+scheduled_at, attempted_at, finalized_at, flow_key,
 CASE WHEN state = 'completed' THEN delivered_status
      WHEN last_error IS NOT NULL THEN (SELECT a.status FROM ap4k_attempts a
           WHERE a.message_id = ap4k_messages.id ORDER BY a.seq DESC LIMIT 1) END AS last_status,
@@ -352,7 +353,7 @@ INSERT INTO ap4k_queues (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO N
 QUEUE_COLUMNS = """
 name, max_attempts, min_backoff_seconds, max_backoff_seconds, rate_limit_per_second,
 max_concurrency, paused, base_url, allowed_targets, signing_secret, signing_secrets,
-circuit_breaker::text AS circuit_breaker
+circuit_breaker::text AS circuit_breaker, flow_limits::text AS flow_limits
 """
 
 GET_QUEUE = f"SELECT {QUEUE_COLUMNS} FROM ap4k_queues WHERE name = $1"
@@ -379,7 +380,7 @@ UPDATE ap4k_queues SET signing_secrets = signing_secrets[2:], updated_at = now()
 RETURNING {QUEUE_COLUMNS}
 """
 
-# Circuit breakers (migrations/0003): outcomes of one queue's deliveries, and what is held.
+# Circuit breakers (migrations/0004): outcomes of one queue's deliveries, and what is held.
 RECORD_CIRCUITS = "SELECT * FROM ap4k_circuit_record($1, $2, $3)"
 
 LIST_CIRCUITS = """
@@ -391,6 +392,28 @@ SELECT origin, state, opened_at, probe_at, failures, attempts
 
 HELD_CIRCUITS = """
 SELECT queue, count(*) AS n FROM ap4k_circuits WHERE state <> 'closed' GROUP BY queue
+"""
+
+# Flow keys (migrations/0005): the busiest keys of a queue.
+LIST_FLOW_KEYS = """
+SELECT flow_key,
+       count(*) FILTER (WHERE state = 'running') AS in_flight,
+       count(*) FILTER (WHERE state = 'available') AS waiting
+  FROM ap4k_messages
+ WHERE queue = $1 AND flow_key IS NOT NULL AND state IN ('available', 'running')
+ GROUP BY flow_key
+ ORDER BY in_flight DESC, waiting DESC, flow_key
+ LIMIT $2
+"""
+
+# A key's bucket that has refilled holds nothing worth keeping.
+PRUNE_FLOW_BUCKETS = """
+DELETE FROM ap4k_flow_keys b
+ USING ap4k_queues q
+ WHERE q.name = b.queue
+   AND (q.flow_limits IS NULL
+        OR b.refilled_at < now() - make_interval(secs => greatest(
+               1.0, 1.0 / coalesce((q.flow_limits->>'rate_limit_per_second')::float8, 1.0))))
 """
 
 FORGET_CIRCUITS = "DELETE FROM ap4k_circuits WHERE queue = $1"

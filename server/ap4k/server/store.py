@@ -37,6 +37,7 @@ class QueueSettings:
     signing_secrets: tuple[str, ...] = ()
     webhook_keys: tuple[bytes, ...] = ()  # the HMAC keys of signing_secrets
     circuit_breaker: wire.CircuitBreaker | None = None
+    flow_limits: wire.FlowLimits | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> QueueSettings:
@@ -54,6 +55,7 @@ class QueueSettings:
             signing_secrets=tuple(r["signing_secrets"]),
             webhook_keys=tuple(signatures.secret_key(s) for s in r["signing_secrets"]),
             circuit_breaker=_decode_setting(r["circuit_breaker"], wire.CircuitBreaker),
+            flow_limits=_decode_setting(r["flow_limits"], wire.FlowLimits),
         )
 
     @classmethod
@@ -87,6 +89,7 @@ class QueueSettings:
             signing_secret_set=self.signing_secret is not None,
             signing_secrets_set=len(self.signing_secrets),
             circuit_breaker=self.circuit_breaker,
+            flow_limits=self.flow_limits,
         )
 
 
@@ -140,6 +143,7 @@ def _enqueue_columns(rows: Sequence[EnqueueRow]) -> list[list[Any]]:
         [m.delay_seconds for m in messages],
         [m.not_before for m in messages],
         [r.leased_by for r in rows],
+        [m.flow_key for m in messages],
     ]
 
 
@@ -198,7 +202,7 @@ class Store:
         """Insert rows in one statement; per row (id, state, duplicate), in input order."""
         columns = _enqueue_columns(rows)
         async with self.pool.acquire() as conn:
-            records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
+            records = await conn.fetch(queries.ENQUEUE, *columns[:13], lease_seconds, columns[13])
             results = [(r["id"], r["state"], r["duplicate"]) for r in records]
             for i, (msg_id, _, _) in enumerate(results):
                 if msg_id is None:  # a duplicate committed concurrently with us
@@ -356,6 +360,16 @@ class Store:
         async with self.pool.acquire() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_CIRCUITS, queue)
             return rows
+
+    async def list_flow_keys(self, queue: str, limit: int) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_FLOW_KEYS, queue, limit)
+            return rows
+
+    async def prune_flow_buckets(self) -> int:
+        async with self.dispatch_pool.acquire() as conn:
+            status: str = await conn.execute(queries.PRUNE_FLOW_BUCKETS)
+        return int(status.split()[-1])
 
     async def held_circuits(self) -> dict[str, int]:
         """Open and half-open circuits per queue."""
