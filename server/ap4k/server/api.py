@@ -466,21 +466,7 @@ async def list_circuits(request: web.Request) -> web.Response:
     """The queue's open and half-open circuits (none unless it has a circuit breaker)."""
     queue = await _existing_queue(request)
     rows = await _services(request).store.list_circuits(queue)
-    return json_response(
-        wire.CircuitList(
-            [
-                wire.Circuit(
-                    origin=r["origin"],
-                    state=r["state"],
-                    opened_at=r["opened_at"],
-                    probe_at=r["probe_at"],
-                    failures=r["failures"],
-                    attempts=r["attempts"],
-                )
-                for r in rows
-            ]
-        )
-    )
+    return json_response(wire.CircuitList([wire.Circuit(**dict(r)) for r in rows]))
 
 
 async def list_flow_keys(request: web.Request) -> web.Response:
