@@ -30,6 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from ap4k.core.limits import MAX_HEADER_FIELD_BYTES
 from ap4k.core.logs import Throttled
+from ap4k.server.api import json_response
 from ap4k.server.errors import ApiError
 
 log = logging.getLogger("ap4k.connections")
@@ -142,7 +143,8 @@ class ApiRequestHandler(web.RequestHandler):
         else:
             error = parser_refusal(exc, message)
             log.info("refused a malformed request from %s: %s", request.remote, error.message)
-        response = web.json_response(error.body(), status=error.status)
+        # The error body is a wire object: encoded by msgspec as every API answer is.
+        response = json_response(error.body(), error.status)
         response.force_close()
         return response
 
