@@ -72,26 +72,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("--after", default=None, help="the 'next' id of the previous page")
     listing.add_argument("--oldest-first", action="store_true")
     listing.add_argument("--dedup-key", default=None, help="the message with this dedup key")
-    _output_flags(listing)
+    output_flags(listing)
     listing.set_defaults(func=run_messages_list)
     get = actions.add_parser("get", help="one message with its attempt history")
     get.add_argument("id")
-    _output_flags(get)
+    output_flags(get)
     get.set_defaults(func=run_messages_get)
     cancel = actions.add_parser("cancel", help="cancel a message that has not finished")
     cancel.add_argument("id")
-    _output_flags(cancel)
+    output_flags(cancel)
     cancel.set_defaults(func=run_messages_cancel)
 
     queues = subparsers.add_parser("queues", help="every queue with its depth and rates")
-    _output_flags(queues)
+    output_flags(queues)
     queues.set_defaults(func=run_queues)
 
     queue = subparsers.add_parser("queue", help="show or change one queue")
     queue_actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     show = queue_actions.add_parser("show", help="a queue's depth, rates and settings")
     show.add_argument("queue")
-    _output_flags(show)
+    output_flags(show)
     show.set_defaults(func=run_queue_show)
     put = queue_actions.add_parser(
         "set",
@@ -121,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="drop the oldest signing secret, once receivers verify with the newer one",
     )
-    _output_flags(put)
+    output_flags(put)
     put.set_defaults(func=run_queue_set)
 
     dead = subparsers.add_parser("dead", help="a queue's dead letters, by pages")
@@ -129,19 +129,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     dead.add_argument("--limit", type=int, default=50)
     dead.add_argument("--after", default=None, help="the 'next' id of the previous page")
     dead.add_argument("--all", action="store_true", help="every page")
-    _output_flags(dead)
+    output_flags(dead)
     dead.set_defaults(func=run_dead)
 
     redrive = subparsers.add_parser("redrive", help="send a queue's dead letters again")
     redrive.add_argument("queue")
     redrive.add_argument("--ids", default=None, help="only these ids (comma separated)")
-    _output_flags(redrive)
+    output_flags(redrive)
     redrive.set_defaults(func=run_redrive)
 
     purge = subparsers.add_parser("purge", help="delete a queue's dead letters for good")
     purge.add_argument("queue")
     purge.add_argument("--ids", default=None, help="only these ids (comma separated)")
-    _output_flags(purge)
+    output_flags(purge)
     purge.set_defaults(func=run_purge)
 
 
@@ -150,7 +150,7 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--api-token", env_name="API_TOKEN", default=None, help="bearer token")
 
 
-def _output_flags(parser: argparse.ArgumentParser) -> None:
+def output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the API's JSON")
     _server_flags(parser)
 

@@ -13,9 +13,8 @@ from typing import Any
 
 import msgspec
 
-from ap4k.core.config import add_flag
+from ap4k.client.commands import output_flags
 
-DEFAULT_SERVER = "http://127.0.0.1:7438"
 # A shell command tries a few times (a server restarting), not for as long as an application.
 CLI_ATTEMPTS = 3
 
@@ -25,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = schedules.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     listing = actions.add_parser("list", help="every schedule with its next fire time")
-    _flags(listing)
+    output_flags(listing)
     listing.set_defaults(func=run_list)
 
     put = actions.add_parser("set", help="create or replace a schedule")
@@ -37,19 +36,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     put.add_argument("--body", default=None, help="the message's JSON body")
     put.add_argument("--method", default=None)
     put.add_argument("--paused", action="store_true", help="save it paused")
-    _flags(put)
+    output_flags(put)
     put.set_defaults(func=run_set)
 
     delete = actions.add_parser("delete", help="delete a schedule")
     delete.add_argument("name")
-    _flags(delete)
+    output_flags(delete)
     delete.set_defaults(func=run_delete)
-
-
-def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the API's JSON")
-    add_flag(parser, "--server", env_name="SERVER_URL", default=DEFAULT_SERVER, help="server URL")
-    add_flag(parser, "--api-token", env_name="API_TOKEN", default=None, help="bearer token")
 
 
 def _run(args: argparse.Namespace, work: Callable[[Any], Awaitable[Any]]) -> int:
