@@ -34,6 +34,7 @@ from ap4k.server.leaser import Leaser
 from ap4k.server.openapi import openapi_document
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
+from ap4k.server.rows import MessageRow
 from ap4k.server.store import DB_ERRORS, EnqueueRow, QueueDepth, QueueSettings, Store
 from ap4k.server.validation import (
     ACKS,
@@ -179,67 +180,6 @@ def _message_id(request: web.Request) -> int:
     if msg_id is None:
         raise not_found("message")
     return msg_id
-
-
-def _message_fields(r: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": str(r["id"]),
-        "queue": r["queue"],
-        "state": r["state"],
-        "target": r["target"],
-        "method": r["method"],
-        "headers": msgspec.json.decode(r["headers"]) if r["headers"] else {},
-        # The stored JSON as it is: no decoding and encoding again.
-        "body": msgspec.Raw(r["body"]) if r["body"] is not None else None,
-        "priority": r["priority"],
-        "dedup_key": r["dedup_key"],
-        "ordering_key": r["ordering_key"],
-        "attempt": r["attempt"],
-        "max_attempts": r["max_attempts"],
-        "timeout_seconds": float(r["timeout_seconds"]),
-        "last_error": r["last_error"],
-        "created_at": r["created_at"],
-        "scheduled_at": r["scheduled_at"],
-        "attempted_at": r["attempted_at"],
-        "finalized_at": r["finalized_at"],
-        "last_status": r["last_status"],
-        "last_response_excerpt": r["last_response_excerpt"],
-        "callback": r["callback"],
-        "failure_callback": r["failure_callback"],
-    }
-
-
-def message_view(r: asyncpg.Record) -> wire.MessageView:
-    return wire.MessageView(**_message_fields(r))
-
-
-def message_detail(r: asyncpg.Record, failures: list[asyncpg.Record]) -> wire.MessageDetail:
-    """The message with its attempt history, oldest first: the failures' rows, then the
-    success (whose status and duration are kept on the message itself)."""
-    attempts = [
-        wire.Attempt(
-            attempt=a["attempt"],
-            at=a["at"],
-            outcome=a["outcome"],
-            duration_ms=a["duration_ms"],
-            status=a["status"],
-            error=a["error"],
-            response_excerpt=a["response_excerpt"],
-            carrier=a["made_by"],
-        )
-        for a in failures
-    ]
-    if r["state"] == "completed" and r["delivered_status"] is not None:
-        attempts.append(
-            wire.Attempt(
-                attempt=r["attempt"],
-                at=r["attempted_at"],
-                outcome="delivered",
-                duration_ms=r["delivered_duration_ms"],
-                status=r["delivered_status"],
-            )
-        )
-    return wire.MessageDetail(**_message_fields(r), attempts=attempts)
 
 
 # The window of the queue view's live rates.
@@ -417,7 +357,7 @@ async def get_message(request: web.Request) -> web.Response:
     record = await store.get_message(msg_id)
     if record is None:
         raise not_found("message")
-    return json_response(message_detail(record, await store.get_attempts(msg_id)))
+    return json_response(record.detail(await store.get_attempts(msg_id)))
 
 
 async def cancel_message(request: web.Request) -> web.Response:
@@ -429,10 +369,10 @@ async def cancel_message(request: web.Request) -> web.Response:
         if current is None:
             raise not_found("message")
         raise ApiError(
-            409, "already_finished", f"message is {current['state']} and cannot be cancelled"
+            409, "already_finished", f"message is {current.state} and cannot be cancelled"
         )
-    services.wakeups.announce([record["queue"]])  # ordering keys behind it may go now
-    return json_response({"id": str(record["id"]), "state": record["state"]})
+    services.wakeups.announce([record.queue])  # ordering keys behind it may go now
+    return json_response(wire.Cancelled(str(record.id), record.state))
 
 
 # -- queues -----------------------------------------------------------------------------------
@@ -555,9 +495,9 @@ def _after(request: web.Request) -> int | None:
     return after
 
 
-def _page(records: list[asyncpg.Record], limit: int) -> web.Response:
-    next_cursor = str(records[-1]["id"]) if len(records) == limit else None
-    return json_response(wire.MessagePage([message_view(r) for r in records], next_cursor))
+def _page(rows: list[MessageRow], limit: int) -> web.Response:
+    next_cursor = str(rows[-1].id) if len(rows) == limit else None
+    return json_response(wire.MessagePage([r.view() for r in rows], next_cursor))
 
 
 async def list_dead(request: web.Request) -> web.Response:
@@ -731,7 +671,7 @@ async def extend_leases(request: web.Request) -> web.Response:
     ids = lease_ids(body.leases, "leases")
     attempts = [ref.attempt for ref in body.leases]
     rows = await services.store.extend(leased_by, ids, attempts, body.lease_seconds) if ids else []
-    extended = {r["id"]: r["lease_expires_at"] for r in rows}
+    extended = {r.id: r.lease_expires_at for r in rows}
     return json_response(
         wire.Extended(
             extended=[wire.Extension(str(i), t) for i, t in extended.items()],
@@ -748,8 +688,8 @@ async def release_leases(request: web.Request) -> web.Response:
     attempts = [ref.attempt for ref in body.leases]
     rows = await services.store.release(leased_by, ids, attempts) if ids else []
     if rows:
-        services.wakeups.announce({r["queue"] for r in rows})
-    return json_response(wire.Released([str(r["id"]) for r in rows]))
+        services.wakeups.announce({r.queue for r in rows})
+    return json_response(wire.Released([str(r.id) for r in rows]))
 
 
 # -- health and documents -------------------------------------------------------------------

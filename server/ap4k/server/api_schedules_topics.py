@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
-import asyncpg
 import msgspec
 from aiohttp import web
 
@@ -25,6 +25,7 @@ from ap4k.server.api import (
     json_response,
 )
 from ap4k.server.errors import not_found
+from ap4k.server.rows import ScheduleRow, TopicRow
 from ap4k.server.store import EnqueueRow, QueueSettings
 from ap4k.server.validation import (
     check_name,
@@ -33,9 +34,6 @@ from ap4k.server.validation import (
     parse_schedule,
     parse_topic,
 )
-
-_TEMPLATE = msgspec.json.Decoder(wire.ScheduledMessage)
-_SUBSCRIPTIONS = msgspec.json.Decoder(list[wire.Subscription])
 
 
 async def _settings(request: web.Request, queue: str) -> QueueSettings:
@@ -47,15 +45,17 @@ async def _settings(request: web.Request, queue: str) -> QueueSettings:
 # The path parameter names what is found: {name} a schedule, {topic} a topic.
 WHAT = {"name": "schedule", "topic": "topic"}
 
+Found = TypeVar("Found", ScheduleRow, TopicRow)
+
 
 async def _found(
-    request: web.Request, param: str, fetch: Callable[[str], Awaitable[asyncpg.Record | None]]
-) -> asyncpg.Record:
+    request: web.Request, param: str, fetch: Callable[[str], Awaitable[Found | None]]
+) -> Found:
     """The schedule or topic the path names, or a 404."""
-    record = await fetch(check_name(request.match_info[param], param))
-    if record is None:
+    row = await fetch(check_name(request.match_info[param], param))
+    if row is None:
         raise not_found(WHAT[param])
-    return record
+    return row
 
 
 async def _deleted(
@@ -70,23 +70,6 @@ async def _deleted(
 # -- schedules --------------------------------------------------------------------------------
 
 
-def schedule_view(r: asyncpg.Record) -> wire.ScheduleView:
-    return wire.ScheduleView(
-        name=r["name"],
-        queue=r["queue"],
-        cron=r["cron"],
-        timezone=r["timezone"],
-        message=_TEMPLATE.decode(r["message"]),
-        paused=r["paused"],
-        next_fire_at=r["next_fire_at"],
-        last_fired_at=r["last_fired_at"],
-        last_message_id=None if r["last_message_id"] is None else str(r["last_message_id"]),
-        last_error=r["last_error"],
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-    )
-
-
 async def put_schedule(request: web.Request) -> web.Response:
     services = _services(request)
     name = check_name(request.match_info["name"], "name")
@@ -95,18 +78,18 @@ async def put_schedule(request: web.Request) -> web.Response:
     settings = await _settings(request, schedule.queue)
     checked_target(services.directory, settings, schedule.message.url, "message.target")
     checked_callbacks(services.directory, settings, schedule.message, "message.")
-    record = await services.store.put_schedule(name, schedule, next_fire_at)
-    return json_response(schedule_view(record))
+    row = await services.store.put_schedule(name, schedule, next_fire_at)
+    return json_response(row.view())
 
 
 async def get_schedule(request: web.Request) -> web.Response:
     store = _services(request).store
-    return json_response(schedule_view(await _found(request, "name", store.get_schedule)))
+    return json_response((await _found(request, "name", store.get_schedule)).view())
 
 
 async def list_schedules(request: web.Request) -> web.Response:
-    records = await _services(request).store.list_schedules()
-    return json_response(wire.ScheduleList([schedule_view(r) for r in records]))
+    rows = await _services(request).store.list_schedules()
+    return json_response(wire.ScheduleList([r.view() for r in rows]))
 
 
 async def delete_schedule(request: web.Request) -> web.Response:
@@ -116,15 +99,6 @@ async def delete_schedule(request: web.Request) -> web.Response:
 # -- topics -----------------------------------------------------------------------------------
 
 
-def topic_view(r: asyncpg.Record) -> wire.TopicView:
-    return wire.TopicView(
-        name=r["name"],
-        subscriptions=_SUBSCRIPTIONS.decode(r["subscriptions"]),
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-    )
-
-
 async def put_topic(request: web.Request) -> web.Response:
     services = _services(request)
     name = check_name(request.match_info["topic"], "topic")
@@ -132,17 +106,17 @@ async def put_topic(request: web.Request) -> web.Response:
     for i, sub in enumerate(topic.subscriptions):
         settings = await _settings(request, sub.queue or name)
         checked_target(services.directory, settings, sub.target, f"subscriptions[{i}].target")
-    return json_response(topic_view(await services.store.put_topic(name, topic)))
+    return json_response((await services.store.put_topic(name, topic)).view())
 
 
 async def get_topic(request: web.Request) -> web.Response:
     store = _services(request).store
-    return json_response(topic_view(await _found(request, "topic", store.get_topic)))
+    return json_response((await _found(request, "topic", store.get_topic)).view())
 
 
 async def list_topics(request: web.Request) -> web.Response:
-    records = await _services(request).store.list_topics()
-    return json_response(wire.TopicList([topic_view(r) for r in records]))
+    rows = await _services(request).store.list_topics()
+    return json_response(wire.TopicList([r.view() for r in rows]))
 
 
 async def delete_topic(request: web.Request) -> web.Response:
@@ -153,9 +127,8 @@ async def publish(request: web.Request) -> web.Response:
     """One message per subscription, all in one INSERT statement (one transaction)."""
     services = _services(request)
     message = parse_published(await _json_body(request))
-    record = await _found(request, "topic", services.store.get_topic)
-    name = record["name"]
-    subscriptions = _SUBSCRIPTIONS.decode(record["subscriptions"])
+    topic = (await _found(request, "topic", services.store.get_topic)).view()
+    name, subscriptions = topic.name, topic.subscriptions
     rows = []
     created = set()
     fields = msgspec.structs.asdict(message)

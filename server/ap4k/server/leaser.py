@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 
-import asyncpg
 import orjson
 
 from ap4k.core.delivery import Delivery, Verdict
@@ -20,6 +19,7 @@ from ap4k.core.targets import TargetError
 from ap4k.server import metrics
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
+from ap4k.server.rows import LeasedRow
 from ap4k.server.store import QueueSettings, Store
 
 MAX_LEASE_BATCH = 100
@@ -53,7 +53,7 @@ class Leaser:
         out: list[Delivery] = []
         while len(out) < limit:
             want = min(limit - len(out), MAX_LEASE_BATCH)
-            rows: list[asyncpg.Record] = await self.store.lease(
+            rows = await self.store.lease(
                 queue,
                 want,
                 leased_by,
@@ -62,14 +62,14 @@ class Leaser:
                 cover_timeout=not is_carrier,
             )
             if len(rows) == want:
-                self._floors[queue] = min(r["lease_order"] for r in rows)
+                self._floors[queue] = min(r.lease_order for r in rows)
             else:
                 self._floors.pop(queue, None)
             if rows:
                 kind = "carrier" if is_carrier else "dispatcher"
                 metrics.LEASED.labels(queue, kind).inc(len(rows))
-            for record in rows:
-                delivery = self._delivery(record, settings, leased_by)
+            for row in rows:
+                delivery = self._delivery(row, settings, leased_by)
                 if delivery is not None:
                     out.append(delivery)
             if len(rows) < want:
@@ -77,36 +77,35 @@ class Leaser:
         return out
 
     def _delivery(
-        self, record: asyncpg.Record, settings: QueueSettings, leased_by: str
+        self, row: LeasedRow, settings: QueueSettings, leased_by: str
     ) -> Delivery | None:
         try:
-            _, explicit = self.directory.target(settings, record["target"])
+            _, explicit = self.directory.target(settings, row.target)
         except TargetError as exc:
             # The queue's allow-list changed since this message was accepted.
             self.recorder.submit(
                 leased_by,
                 OutcomeReport(
-                    id=record["id"],
-                    attempt=record["attempt"],
+                    id=row.id,
+                    attempt=row.attempt,
                     verdict=Verdict.FAIL,
                     error=f"refused: {exc}",
                     queue=settings.name,
                 ),
             )
             return None
-        headers = record["headers"]
         return Delivery(
-            id=record["id"],
+            id=row.id,
             queue=settings.name,
-            attempt=record["attempt"],
-            max_attempts=record["max_attempts"],
-            target=record["target"],
-            method=record["method"],
-            headers=None if headers is None else orjson.loads(headers),
-            body=record["body"],
-            timeout_seconds=float(record["timeout_seconds"]),
-            created_at=record["created_at"].timestamp(),
-            ordering_key=record["ordering_key"],
+            attempt=row.attempt,
+            max_attempts=row.max_attempts,
+            target=row.target,
+            method=row.method,
+            headers=None if row.headers is None else orjson.loads(row.headers),
+            body=row.body,
+            timeout_seconds=float(row.timeout_seconds),
+            created_at=row.created_at.timestamp(),
+            ordering_key=row.ordering_key,
             signing_secret=settings.signing_secret,
             webhook_keys=settings.webhook_keys,
             explicitly_allowed=explicit,

@@ -117,7 +117,7 @@ class Maintenance:
         total = 0
         while True:
             rows = await self.store.rescue_expired(RESCUE_BATCH)
-            counts = Counter(r["queue"] for r in rows)
+            counts = Counter(r.queue for r in rows)
             for queue, n in counts.items():
                 metrics.LEASES_EXPIRED.labels(queue).inc(n)
             total += len(rows)

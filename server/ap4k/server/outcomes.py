@@ -150,17 +150,17 @@ class OutcomeRecorder:
         wake: set[str] = set()
         retried = False
         for row in rows:
-            accepted.add(row["id"])
-            queue, state = row["queue"], row["state"]
+            accepted.add(row.id)
+            queue, state = row.queue, row.state
             metrics.child(metrics.DELIVERIES, queue, OUTCOME_LABEL[state]).inc()
             if state == "completed":
-                latency = max(now - row["created_at"], 0)
+                latency = max(now - row.created_at, 0)
                 metrics.child(metrics.END_TO_END_LATENCY, queue).observe(latency)
             elif state == "retryable":
                 retried = True
-            if row["ordering_key"] is not None and state != "retryable":
+            if row.ordering_key is not None and state != "retryable":
                 wake.add(queue)  # the next message with this key may go now
-            if row["called_back"]:
+            if row.called_back:
                 metrics.MESSAGES_ENQUEUED.labels(queue).inc()
                 wake.add(queue)  # its callback is available
         for report, future in batch:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import asyncpg
 import msgspec
 from croniter import CroniterBadDateError, CroniterError, croniter
 
@@ -28,6 +27,7 @@ from ap4k.core import wire
 from ap4k.core.targets import TargetError
 from ap4k.server.errors import invalid
 from ap4k.server.queues import QueueDirectory
+from ap4k.server.rows import DueScheduleRow
 from ap4k.server.store import EnqueueRow, ScheduleFiring, Store
 from ap4k.server.validation import encode_body
 
@@ -90,9 +90,6 @@ def dedup_key(name: str, fire_at: datetime) -> str:
     return f"schedule:{name}:{fire_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%MZ')}"
 
 
-_TEMPLATE = msgspec.json.Decoder(wire.ScheduledMessage)
-
-
 def message_of(template: wire.ScheduledMessage, key: str) -> wire.MessageIn:
     """The message one firing enqueues: the template, with the firing's dedup key."""
     return wire.MessageIn(**msgspec.structs.asdict(template), dedup_key=key)
@@ -119,20 +116,20 @@ class Scheduler:
             self.on_committed(rows, results)
         return firings
 
-    async def _plan(self, due: list[asyncpg.Record], now: datetime) -> list[ScheduleFiring]:
+    async def _plan(self, due: list[DueScheduleRow], now: datetime) -> list[ScheduleFiring]:
         out = []
-        for record in due:
-            name, cron = record["name"], record["cron"]
+        for schedule in due:
+            name, cron = schedule.name, schedule.cron
             try:
-                zone = time_zone(record["timezone"])
-                fire_at = latest_fire(cron, zone, record["next_fire_at"], now)
+                zone = time_zone(schedule.timezone)
+                fire_at = latest_fire(cron, zone, schedule.next_fire_at, now)
                 firing = ScheduleFiring(name, fire_at, next_fire(cron, zone, now))
             except (ValueError, CroniterError) as exc:
                 # Checked when saved; a time zone can still vanish from the OS's database.
                 firing = ScheduleFiring(name, now, now + RETRY_BROKEN, error=str(exc))
             else:
                 try:
-                    firing.row = await self._row(record, dedup_key(name, fire_at))
+                    firing.row = await self._row(schedule, dedup_key(name, fire_at))
                 except TargetError as exc:
                     # The queue's allow-list changed since the schedule was saved.
                     firing.error = f"refused: {exc}"
@@ -141,10 +138,10 @@ class Scheduler:
             out.append(firing)
         return out
 
-    async def _row(self, record: asyncpg.Record, key: str) -> EnqueueRow:
-        settings = await self.directory.get(record["queue"])
+    async def _row(self, schedule: DueScheduleRow, key: str) -> EnqueueRow:
+        settings = await self.directory.get(schedule.queue)
         assert settings is not None
-        message = message_of(_TEMPLATE.decode(record["message"]), key)
+        message = message_of(schedule.template(), key)
         url, _ = self.directory.target(settings, message.url)
         return EnqueueRow(
             queue=settings.name,

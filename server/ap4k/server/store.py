@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -16,6 +16,22 @@ import msgspec
 from ap4k.core import signatures, wire
 from ap4k.server import queries
 from ap4k.server.migrate import migrate
+from ap4k.server.rows import (
+    AttemptRow,
+    CancelledRow,
+    DepthRow,
+    DueScheduleRow,
+    ExtendedRow,
+    FinishedRow,
+    LeasedRow,
+    MessageDetailRow,
+    MessageRow,
+    QueueCountRow,
+    ReleasedRow,
+    RescuedRow,
+    ScheduleRow,
+    TopicRow,
+)
 
 # Settings stored as arrays, never NULL: "none" is the empty array.
 LIST_SETTINGS = frozenset({"allowed_targets", "signing_secrets"})
@@ -38,6 +54,25 @@ DB_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
 )
+
+
+Row = TypeVar("Row", bound=msgspec.Struct)
+
+
+def _rows(cls: type[Row], records: Sequence[asyncpg.Record]) -> list[Row]:
+    """Records as typed rows (rows.py): the one place where a statement's result becomes
+    attributes. Positional (a Struct built from a record's values costs a tenth of one built
+    from its names), so the columns are checked against the fields, once per result."""
+    if records and tuple(records[0].keys()) != cls.__struct_fields__:
+        raise TypeError(
+            f"{cls.__name__} has the fields {cls.__struct_fields__}, "
+            f"the statement returned {tuple(records[0].keys())}"
+        )
+    return [cls(*r) for r in records]
+
+
+def _row(cls: type[Row], record: asyncpg.Record | None) -> Row | None:
+    return None if record is None else _rows(cls, [record])[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +183,7 @@ class ScheduleFiring:
     error: str | None = None
 
 
-PlanFirings = Callable[[list[asyncpg.Record], datetime], Awaitable[list[ScheduleFiring]]]
+PlanFirings = Callable[[list[DueScheduleRow], datetime], Awaitable[list[ScheduleFiring]]]
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
@@ -248,12 +283,12 @@ class Store:
         lease_seconds: float,
         floor: int,
         cover_timeout: bool,
-    ) -> list[asyncpg.Record]:
+    ) -> list[LeasedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
+            records = await conn.fetch(
                 queries.LEASE, queue, limit, leased_by, lease_seconds, floor, cover_timeout
             )
-            return rows
+        return _rows(LeasedRow, records)
 
     async def record_outcomes(
         self,
@@ -266,11 +301,11 @@ class Store:
         statuses: Sequence[int | None],
         durations: Sequence[float | None],
         excerpts: Sequence[str | None],
-    ) -> list[asyncpg.Record]:
+    ) -> list[FinishedRow]:
         """Record failed (or other) outcomes, each with its row in the attempt history, and
         enqueue the callbacks they call for."""
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
+            records = await conn.fetch(
                 queries.RECORD_OUTCOMES,
                 ids,
                 attempts,
@@ -282,7 +317,7 @@ class Store:
                 durations,
                 excerpts,
             )
-            return rows
+        return _rows(FinishedRow, records)
 
     async def complete(
         self,
@@ -291,36 +326,34 @@ class Store:
         attempts: Sequence[int],
         statuses: Sequence[int | None],
         durations_ms: Sequence[float | None],
-    ) -> list[asyncpg.Record]:
+    ) -> list[FinishedRow]:
         """Record successful deliveries; enqueue the callbacks they call for."""
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
+            records = await conn.fetch(
                 queries.COMPLETE, ids, attempts, leased_by, statuses, durations_ms
             )
-            return rows
+        return _rows(FinishedRow, records)
 
     async def release(
         self, leased_by: str, ids: Sequence[int], attempts: Sequence[int]
-    ) -> list[asyncpg.Record]:
+    ) -> list[ReleasedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.RELEASE, ids, attempts, leased_by)
-            return rows
+            records = await conn.fetch(queries.RELEASE, ids, attempts, leased_by)
+        return _rows(ReleasedRow, records)
 
     async def extend(
         self, leased_by: str, ids: Sequence[int], attempts: Sequence[int], seconds: float
-    ) -> list[asyncpg.Record]:
+    ) -> list[ExtendedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                queries.EXTEND, ids, attempts, leased_by, seconds
-            )
-            return rows
+            records = await conn.fetch(queries.EXTEND, ids, attempts, leased_by, seconds)
+        return _rows(ExtendedRow, records)
 
     # -- maintenance ----------------------------------------------------------------------
 
-    async def rescue_expired(self, limit: int = RESCUE_BATCH) -> list[asyncpg.Record]:
+    async def rescue_expired(self, limit: int = RESCUE_BATCH) -> list[RescuedRow]:
         async with self.dispatch_pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.RESCUE_EXPIRED, limit)
-            return rows
+            records = await conn.fetch(queries.RESCUE_EXPIRED, limit)
+        return _rows(RescuedRow, records)
 
     async def promote_due(self, limit: int = PROMOTE_BATCH) -> list[str]:
         """The queue of each message made available (one entry per message)."""
@@ -348,7 +381,7 @@ class Store:
         delivered = await self.completed_within(window_seconds)
         async with self.pool.acquire() as conn:
             records = await conn.fetch(queries.FAILED_WITHIN, window_seconds)
-        failed = {r["queue"]: r["n"] for r in records}
+        failed = {r.queue: r.n for r in _rows(QueueCountRow, records)}
         return {
             queue: {"delivered": delivered.get(queue, 0), "failed": failed.get(queue, 0)}
             for queue in delivered.keys() | failed.keys()
@@ -361,18 +394,18 @@ class Store:
             else:
                 records = await conn.fetch(queries.QUEUE_DEPTHS_OF_ONE, queue)
         out: dict[str, QueueDepth] = {}
-        for r in records:
-            depth = out.setdefault(r["queue"], QueueDepth(dict.fromkeys(STATES, 0), 0.0))
-            depth.counts[r["state"]] = r["n"]
-            if r["state"] == "available":
-                depth.oldest_available_age_seconds = max(r["oldest"] or 0.0, 0.0)
+        for r in _rows(DepthRow, records):
+            depth = out.setdefault(r.queue, QueueDepth(dict.fromkeys(STATES, 0), 0.0))
+            depth.counts[r.state] = r.n
+            if r.state == "available":
+                depth.oldest_available_age_seconds = max(r.oldest or 0.0, 0.0)
         return out
 
     async def completed_within(self, seconds: float) -> dict[str, int]:
         """Messages delivered per queue over the last `seconds`."""
         async with self.pool.acquire() as conn:
             records = await conn.fetch(queries.COMPLETED_WITHIN, seconds)
-        return {r["queue"]: r["n"] for r in records}
+        return {r.queue: r.n for r in _rows(QueueCountRow, records)}
 
     async def notify(self, channel: str, payload: str) -> None:
         async with self.dispatch_pool.acquire() as conn:
@@ -380,15 +413,15 @@ class Store:
 
     # -- messages -------------------------------------------------------------------------
 
-    async def get_message(self, msg_id: int) -> asyncpg.Record | None:
+    async def get_message(self, msg_id: int) -> MessageDetailRow | None:
         async with self.pool.acquire() as conn:
-            return await conn.fetchrow(queries.GET_MESSAGE, msg_id)
+            return _row(MessageDetailRow, await conn.fetchrow(queries.GET_MESSAGE, msg_id))
 
-    async def get_attempts(self, msg_id: int) -> list[asyncpg.Record]:
+    async def get_attempts(self, msg_id: int) -> list[AttemptRow]:
         """The message's failed attempts, oldest first."""
         async with self.pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.GET_ATTEMPTS, msg_id)
-            return rows
+            records = await conn.fetch(queries.GET_ATTEMPTS, msg_id)
+        return _rows(AttemptRow, records)
 
     async def list_messages(
         self,
@@ -399,23 +432,23 @@ class Store:
         after: int | None,
         limit: int,
         newest_first: bool,
-    ) -> list[asyncpg.Record]:
+    ) -> list[MessageRow]:
         """A page of the queue's messages by id, after the cursor `after` (a message id)."""
         sql = queries.LIST_MESSAGES[(state, newest_first)]
         if after is None:
             after = MAX_ID if newest_first else 0
         async with self.pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(sql, queue, dedup_key, after, limit)
-            return rows
+            records = await conn.fetch(sql, queue, dedup_key, after, limit)
+        return _rows(MessageRow, records)
 
-    async def cancel_message(self, msg_id: int) -> asyncpg.Record | None:
+    async def cancel_message(self, msg_id: int) -> CancelledRow | None:
         async with self.pool.acquire() as conn:
-            return await conn.fetchrow(queries.CANCEL_MESSAGE, msg_id)
+            return _row(CancelledRow, await conn.fetchrow(queries.CANCEL_MESSAGE, msg_id))
 
-    async def list_dead(self, queue: str, after: int, limit: int) -> list[asyncpg.Record]:
+    async def list_dead(self, queue: str, after: int, limit: int) -> list[MessageRow]:
         async with self.pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_DEAD, queue, after, limit)
-            return rows
+            records = await conn.fetch(queries.LIST_DEAD, queue, after, limit)
+        return _rows(MessageRow, records)
 
     async def redrive_dead(self, queue: str, ids: Sequence[int] | None) -> int:
         async with self.pool.acquire() as conn:
@@ -484,9 +517,9 @@ class Store:
 
     async def put_schedule(
         self, name: str, schedule: wire.ScheduleIn, next_fire_at: datetime | None
-    ) -> asyncpg.Record:
+    ) -> ScheduleRow:
         async with self.pool.acquire() as conn:
-            record: asyncpg.Record = await conn.fetchrow(
+            record = await conn.fetchrow(
                 queries.PUT_SCHEDULE,
                 name,
                 schedule.queue,
@@ -496,16 +529,16 @@ class Store:
                 schedule.paused,
                 next_fire_at,
             )
-            return record
+        return _rows(ScheduleRow, [record])[0]
 
-    async def get_schedule(self, name: str) -> asyncpg.Record | None:
+    async def get_schedule(self, name: str) -> ScheduleRow | None:
         async with self.pool.acquire() as conn:
-            return await conn.fetchrow(queries.GET_SCHEDULE, name)
+            return _row(ScheduleRow, await conn.fetchrow(queries.GET_SCHEDULE, name))
 
-    async def list_schedules(self) -> list[asyncpg.Record]:
+    async def list_schedules(self) -> list[ScheduleRow]:
         async with self.pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_SCHEDULES)
-            return rows
+            records = await conn.fetch(queries.LIST_SCHEDULES)
+        return _rows(ScheduleRow, records)
 
     async def delete_schedule(self, name: str) -> bool:
         async with self.pool.acquire() as conn:
@@ -517,7 +550,7 @@ class Store:
         skipped: another replica is firing them), enqueue what `plan` makes of them, and
         record each firing."""
         async with self.pool.acquire() as conn, conn.transaction():
-            due = await conn.fetch(queries.DUE_SCHEDULES, now)
+            due = _rows(DueScheduleRow, await conn.fetch(queries.DUE_SCHEDULES, now))
             if not due:
                 return []
             firings = await plan(due, now)
@@ -538,21 +571,21 @@ class Store:
 
     # -- topics ---------------------------------------------------------------------------
 
-    async def put_topic(self, name: str, topic: wire.TopicIn) -> asyncpg.Record:
+    async def put_topic(self, name: str, topic: wire.TopicIn) -> TopicRow:
         async with self.pool.acquire() as conn:
-            record: asyncpg.Record = await conn.fetchrow(
+            record = await conn.fetchrow(
                 queries.PUT_TOPIC, name, msgspec.json.encode(topic.subscriptions).decode()
             )
-            return record
+        return _rows(TopicRow, [record])[0]
 
-    async def get_topic(self, name: str) -> asyncpg.Record | None:
+    async def get_topic(self, name: str) -> TopicRow | None:
         async with self.pool.acquire() as conn:
-            return await conn.fetchrow(queries.GET_TOPIC, name)
+            return _row(TopicRow, await conn.fetchrow(queries.GET_TOPIC, name))
 
-    async def list_topics(self) -> list[asyncpg.Record]:
+    async def list_topics(self) -> list[TopicRow]:
         async with self.pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(queries.LIST_TOPICS)
-            return rows
+            records = await conn.fetch(queries.LIST_TOPICS)
+        return _rows(TopicRow, records)
 
     async def delete_topic(self, name: str) -> bool:
         async with self.pool.acquire() as conn:
