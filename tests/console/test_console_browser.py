@@ -1,58 +1,21 @@
 """The web console in a real browser (Debian's chromium, driven by Playwright) against a real
-server delivering real messages to a real target.
-
-Screenshots of each step go to $AP4K_SCREENSHOT_DIR (default: a temporary directory, printed).
+server delivering real messages to a real target (the browser and screenshots: conftest.py).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
-import pytest
 from aiohttp import web
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Page, expect
 
 from ap4k_testkit import Api, Received, StartServer, sink
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
-
-
-@pytest.fixture(scope="session")
-def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("AP4K_SCREENSHOT_DIR")
-    folder = Path(given) if given else tmp_path_factory.mktemp("console-screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nconsole screenshots in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        # Playwright cannot download its own browser here: Debian's chromium it is.
-        launched = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        await launched.close()
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context(viewport={"width": 1300, "height": 860})
-    opened = await context.new_page()
-    yield opened
-    await context.close()
-
-
-async def shot(page: Page, folder: Path, name: str) -> None:
-    await page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+Shot = Callable[[str], Awaitable[None]]  # conftest.py's screenshot fixture
 
 
 async def test_dead_letter_shows_the_failure_and_redrive_from_the_page_delivers_it(
-    start_server: StartServer, page: Page, screenshots: Path
+    start_server: StartServer, page: Page, shot: Shot
 ) -> None:
     _, api = await start_server(dispatchers=4)
     await api.settings("payments", max_attempts=2, min_backoff_seconds=0.05)
@@ -77,14 +40,14 @@ async def test_dead_letter_shows_the_failure_and_redrive_from_the_page_delivers_
         p = page
         await p.goto(api.base_url + "/")
         await expect(p.locator("table")).to_contain_text("payments")
-        await shot(p, screenshots, "1-queues")
+        await shot("1-queues")
 
         await p.goto(f"{api.base_url}/ui/#/queues/payments/dead")
         row = p.locator(f'tr[data-id="{sent["id"]}"]')
         await expect(row).to_contain_text("HTTP 503")
         await expect(row).to_contain_text("payment provider is down for maintenance")
         await expect(row).to_contain_text("2 / 2")
-        await shot(p, screenshots, "2-dead-letters")
+        await shot("2-dead-letters")
 
         await row.locator("a").first.click()
         await expect(p.locator("h1")).to_contain_text(f"Message {sent['id']}")
@@ -96,7 +59,7 @@ async def test_dead_letter_shows_the_failure_and_redrive_from_the_page_delivers_
         await expect(attempts.nth(0)).to_contain_text("retried")
         await expect(attempts.nth(1)).to_contain_text("dead")
         await expect(p.locator("#message-body")).to_contain_text('"cents": 1999')
-        await shot(p, screenshots, "3-message-dead")
+        await shot("3-message-dead")
 
         healthy = True
         await p.locator("#redrive-message").click()
@@ -106,11 +69,11 @@ async def test_dead_letter_shows_the_failure_and_redrive_from_the_page_delivers_
         await expect(p.locator("h1")).to_contain_text("completed")
         await expect(attempts).to_have_count(3)
         await expect(attempts.nth(2)).to_contain_text("delivered")
-        await shot(p, screenshots, "4-message-redriven")
+        await shot("4-message-redriven")
 
 
 async def test_dead_letters_select_redrive_and_purge(
-    start_server: StartServer, page: Page, screenshots: Path, database_url: str
+    start_server: StartServer, page: Page, shot: Shot, database_url: str
 ) -> None:
     _, api = await start_server(dispatchers=4)
     healthy = False
@@ -128,7 +91,7 @@ async def test_dead_letters_select_redrive_and_purge(
         await expect(rows).to_have_count(4)
         await p.locator(f'input[data-id="{ids[0]}"]').check()
         await p.locator(f'input[data-id="{ids[1]}"]').check()
-        await shot(p, screenshots, "5-dead-selected")
+        await shot("5-dead-selected")
 
         healthy = True
         await p.locator("#redrive-selected").click()
@@ -150,7 +113,7 @@ async def test_dead_letters_select_redrive_and_purge(
 
 
 async def test_pause_from_the_page_stops_delivery(
-    start_server: StartServer, page: Page, screenshots: Path
+    start_server: StartServer, page: Page, shot: Shot
 ) -> None:
     _, api = await start_server(dispatchers=4)
     async with sink() as target:
@@ -174,7 +137,7 @@ async def test_pause_from_the_page_stops_delivery(
         await expect(available).to_have_text("3")
         await p.locator('.tabs a:has-text("available")').click()
         await expect(p.locator("table tbody tr")).to_have_count(3)
-        await shot(p, screenshots, "6-queue-paused")
+        await shot("6-queue-paused")
         for msg_id in held:
             assert (await api.message(msg_id))["state"] == "available"
         assert {r.message_id for r in target.received} == {first["id"]}
@@ -184,11 +147,11 @@ async def test_pause_from_the_page_stops_delivery(
         for msg_id in held:
             await api.wait_state(msg_id, "completed")
         await expect(available).to_have_text("0")
-        await shot(p, screenshots, "7-queue-resumed")
+        await shot("7-queue-resumed")
 
 
 async def test_settings_search_and_paging_from_the_page(
-    start_server: StartServer, page: Page, screenshots: Path
+    start_server: StartServer, page: Page, shot: Shot
 ) -> None:
     _, api = await start_server(dispatchers=0)  # nothing is delivered: the messages stay
     await api.send_batch(
@@ -217,12 +180,12 @@ async def test_settings_search_and_paging_from_the_page(
     await p.fill('input[name="max_attempts"]', "0")
     await p.locator('button:has-text("Save settings")').click()
     await expect(p.locator("#flash")).to_contain_text("max_attempts")
-    await shot(p, screenshots, "8-queue-settings-refused")
+    await shot("8-queue-settings-refused")
     assert (await api.ok("GET", "/v1/queues/catalog"))["settings"]["max_attempts"] == 7
 
 
 async def test_token_prompt_when_the_api_wants_one(
-    start_server: StartServer, page: Page, screenshots: Path
+    start_server: StartServer, page: Page, shot: Shot
 ) -> None:
     _, api = await start_server(dispatchers=0, api_token="console-t0ken")
     await api.settings("private")
@@ -233,16 +196,16 @@ async def test_token_prompt_when_the_api_wants_one(
     await p.fill("#token-input", "wrong")
     await p.locator('#token-form button[type="submit"]').click()
     await expect(p.locator("#token-error")).to_contain_text("refused")
-    await shot(p, screenshots, "9-token-prompt")
+    await shot("9-token-prompt")
     await p.fill("#token-input", "console-t0ken")
     await p.locator('#token-form button[type="submit"]').click()
     await expect(dialog).to_be_hidden()
     await expect(p.locator("table")).to_contain_text("private")
 
 
-async def test_docs_render_the_openapi_document(api: Api, page: Page, screenshots: Path) -> None:
+async def test_docs_render_the_openapi_document(api: Api, page: Page, shot: Shot) -> None:
     p = page
     await p.goto(api.base_url + "/docs")
     await expect(p.locator(".opblock").first).to_be_visible(timeout=20_000)
     await expect(p.locator("#swagger-ui")).to_contain_text("/v1/queues/{queue}/messages")
-    await shot(p, screenshots, "10-docs")
+    await shot("10-docs")

@@ -18,13 +18,18 @@
   const tokenInput = document.getElementById("token-input");
   const tokenError = document.getElementById("token-error");
   const signOut = document.getElementById("sign-out");
+  const loadError = document.getElementById("load-error");
 
   // -- the API --------------------------------------------------------------------------
 
+  // A refusal, said so that a user can act on it: the server's message, the field at fault
+  // and the status; an answer that is not the API's error (a proxy's page) by its status.
   class ApiError extends Error {
-    constructor(status, body) {
+    constructor(status, body, text) {
       const e = (body && body.error) || {};
-      super(e.message || `HTTP ${status}`);
+      const field = e.field ? `field ${e.field}, ` : "";
+      const other = text ? `: ${text.trim().split("\n")[0].slice(0, 200)}` : "";
+      super(e.message ? `${e.message} (${field}HTTP ${status})` : `HTTP ${status}${other}`);
       this.status = status;
       this.code = e.code;
     }
@@ -78,13 +83,14 @@
         await askToken(token ? "That token was refused." : "");
         continue;
       }
-      if (!response.ok) throw new ApiError(response.status, data);
+      if (!response.ok) throw new ApiError(response.status, data, data ? "" : text);
       return data;
     }
   }
 
   const enc = encodeURIComponent;
   const queuePath = (name) => `../v1/queues/${enc(name)}`;
+  const schedulePath = (name) => `../v1/schedules/${enc(name)}`;
 
   // -- DOM helpers ----------------------------------------------------------------------
 
@@ -137,10 +143,10 @@
     try {
       const result = await fn();
       if (label) flash(typeof label === "function" ? label(result) : label);
-      await refresh();
     } catch (err) {
       flash(err.message, true);
     }
+    await refresh();  // a refused action, too, may mean the page is stale
   }
 
   function table(columns, rows, emptyText) {
@@ -452,6 +458,78 @@
     };
   }
 
+  // A schedule is saved whole (PUT takes every field): pausing puts back what GET shows, with
+  // `paused` changed, so that nothing else about it changes.
+  async function setPaused(name, paused) {
+    const s = await api("GET", schedulePath(name));
+    return api("PUT", schedulePath(name),
+      { queue: s.queue, cron: s.cron, timezone: s.timezone, message: s.message, paused });
+  }
+
+  // The next fire time in the browser's zone and, where that differs, in the schedule's own.
+  function nextFire(s) {
+    if (!s.next_fire_at) return "–";
+    const local = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    if (s.timezone === local) return when(s.next_fire_at);
+    const there = new Date(s.next_fire_at).toLocaleString(undefined, { timeZone: s.timezone });
+    return h("div", {}, when(s.next_fire_at), h("div", { class: "muted" }, `${there} ${s.timezone}`));
+  }
+
+  function schedulesPage() {
+    const schedulesHolder = h("div", { id: "schedules" });
+    const topicsHolder = h("div", { id: "topics" });
+    const scheduleColumns = [
+      { label: "schedule", cell: (s) => h("span", {}, h("span", { class: "mono" }, s.name),
+          s.paused ? [" ", badge("paused")] : null) },
+      { label: "queue", cell: (s) => h("a", { href: `#/queues/${enc(s.queue)}` }, s.queue) },
+      { label: "cron", cell: (s) => h("code", {}, s.cron) },
+      { label: "timezone", cell: (s) => s.timezone },
+      { label: "target", wrap: true, cell: (s) => h("span", { class: "mono" }, `${s.message.method || "POST"} ${s.message.target}`) },
+      { label: "next fire", cell: (s) => (s.paused ? h("span", { class: "muted" }, "paused") : nextFire(s)) },
+      { label: "last fired", cell: (s) => when(s.last_fired_at) },
+      { label: "last message", cell: (s) => (s.last_message_id
+          ? h("a", { href: `#/messages/${enc(s.last_message_id)}`, class: "mono last-message" }, s.last_message_id) : "–") },
+      { label: "last error", wrap: true, cell: (s) => (s.last_error ? h("span", { class: "error" }, s.last_error) : "–") },
+      { label: "", cell: (s) => h("div", { class: "row nowrap" },
+          h("button", { type: "button", class: s.paused ? "primary" : null, "data-action": s.paused ? "resume" : "pause",
+            onclick: () => act(s.paused ? `Schedule ${s.name} resumed.` : `Schedule ${s.name} paused.`,
+              () => setPaused(s.name, !s.paused)) }, s.paused ? "Resume" : "Pause"),
+          h("button", { type: "button", class: "danger", "data-action": "delete", onclick: () => {
+            if (confirm(`Delete schedule ${s.name}? It fires no more.`)) {
+              act(`Schedule ${s.name} deleted.`, () => api("DELETE", schedulePath(s.name)));
+            }
+          } }, "Delete")) },
+    ];
+    const subscriptionColumns = (topic) => [
+      { label: "subscription", cell: (sub) => h("span", { class: "mono" }, sub.name) },
+      { label: "target", wrap: true, cell: (sub) => h("span", { class: "mono" }, sub.target) },
+      { label: "queue", cell: (sub) => h("span", {}, h("a", { href: `#/queues/${enc(sub.queue || topic)}` }, sub.queue || topic),
+          sub.queue ? null : h("span", { class: "muted" }, " (the topic's name)")) },
+      { label: "headers", wrap: true, cell: (sub) => (sub.headers && Object.keys(sub.headers).length
+          ? h("span", { class: "mono" }, Object.keys(sub.headers).join(", ")) : "–") },
+    ];
+    return {
+      frame: h("div", {},
+        h("h1", {}, "Schedules"),
+        h("p", { class: "muted" }, "Each enqueues its message to its queue at every time its cron names, read in its time zone."),
+        schedulesHolder,
+        h("h1", { class: "section" }, "Topics"),
+        h("p", { class: "muted" }, "A message published to a topic becomes one message per subscription."),
+        topicsHolder),
+      async refresh() {
+        const [scheduleList, topicList] = await Promise.all([api("GET", "../v1/schedules"), api("GET", "../v1/topics")]);
+        schedulesHolder.replaceChildren(table(scheduleColumns, scheduleList.schedules,
+          "No schedules: PUT /v1/schedules/{name} or `ap4k schedules set` makes one."));
+        topicsHolder.replaceChildren(...(topicList.topics.length
+          ? topicList.topics.map((t) => h("section", { class: "card topic", "data-topic": t.name },
+              h("h2", {}, h("span", { class: "mono" }, t.name), h("span", { class: "muted" },
+                ` · ${t.subscriptions.length} subscription${t.subscriptions.length === 1 ? "" : "s"}`)),
+              table(subscriptionColumns(t.name), t.subscriptions, "No subscriptions: what is published goes nowhere.")))
+          : [h("p", { class: "empty card" }, "No topics: PUT /v1/topics/{topic} makes one.")]));
+      },
+    };
+  }
+
   // -- routing and refresh --------------------------------------------------------------
 
   let current = null;
@@ -466,6 +544,7 @@
     if (parts[0] === "queues" && parts.length === 2) return queuePage(parts[1], params);
     if (parts[0] === "queues" && parts.length === 3 && parts[2] === "dead") return deadPage(parts[1], params);
     if (parts[0] === "messages" && parts.length === 2) return messagePage(parts[1]);
+    if (parts[0] === "schedules" && parts.length === 1) return schedulesPage();
     return queuesPage();
   }
 
@@ -476,10 +555,18 @@
     const page = current;
     try {
       await page.refresh();
-      if (page === current) updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+      if (page === current) {
+        updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+        loadError.hidden = true;
+      }
       document.body.dataset.loaded = "true";
     } catch (err) {
-      if (page === current) flash(err.message, true);
+      if (page === current) {
+        // Kept on the page until a refresh succeeds (what it shows may be stale): a flash
+        // passes, and a blank page would say nothing.
+        loadError.textContent = `Could not load this page: ${err.message}`;
+        loadError.hidden = false;
+      }
     } finally {
       refreshing = false;
     }
@@ -492,6 +579,7 @@
   function render() {
     current = route();
     document.body.dataset.loaded = "false";
+    loadError.hidden = true;
     view.replaceChildren(current.frame);
     refresh();
   }
