@@ -7,8 +7,7 @@ The servers' own scheduler loops are slowed to once an hour: the one firing is d
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,55 +15,37 @@ import aiohttp
 from aiohttp import web
 from playwright.async_api import Dialog, Page, expect
 
-from ap4k.core.embedded_pg import free_port
-from ap4k_testkit import Api, StartServer, sink
+from ap4k_testkit import Api, Received, StartServer, sink
 
 Shot = Callable[[str], Awaitable[None]]  # conftest.py's screenshot fixture
 
 
 class FailingProxy:
-    """A real HTTP proxy in front of the server that, while `broken`, answers one path
-    itself with a 502 page, as a proxy does when its upstream is down."""
+    """In front of the server (a real HTTP target that forwards what it receives): while
+    `broken`, it answers one path itself with a 502 page, as a proxy whose upstream is down."""
 
     def __init__(self, upstream: str, path: str) -> None:
-        self.upstream, self.path, self.broken, self.url = upstream, path, False, ""
+        self.upstream, self.path, self.broken = upstream, path, False
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.broken and request.path == self.path:
+    async def __call__(self, received: Received, nth: int) -> web.StreamResponse:
+        path, method = received.headers[":path"], received.headers[":method"]
+        if self.broken and path == self.path:
             return web.Response(status=502, text="upstream is down\n<html>…</html>")
+        headers = {
+            k: v for k, v in received.headers.items() if not k.startswith(":") and k != "Host"
+        }
         async with (
             aiohttp.ClientSession() as session,
             session.request(
-                request.method,
-                self.upstream + request.path_qs,
-                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
-                data=await request.read(),
-                allow_redirects=False,
+                method, self.upstream + path, headers=headers, data=received.body
             ) as answer,
         ):
-            body = await answer.read()
-            headers = {
-                k: v
-                for k, v in answer.headers.items()
-                if k.lower() in ("content-type", "location", "cache-control")
-            }
-            return web.Response(status=answer.status, body=body, headers=headers)
-
-
-@asynccontextmanager
-async def failing_proxy(upstream: str, path: str) -> AsyncIterator[FailingProxy]:
-    proxy = FailingProxy(upstream, path)
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    proxy.url = f"http://127.0.0.1:{port}"
-    try:
-        yield proxy
-    finally:
-        await runner.cleanup()
+            kept = ("Content-Type", "Location", "Cache-Control")
+            return web.Response(
+                status=answer.status,
+                body=await answer.read(),
+                headers={k: answer.headers[k] for k in kept if k in answer.headers},
+            )
 
 
 async def schedules_by_name(api: Api) -> dict[str, dict[str, Any]]:
@@ -238,8 +219,9 @@ async def test_the_page_asks_for_the_token_and_says_when_it_cannot_load(
 
     # An answer that is not the API's (a proxy's error page) is said on the page too, and
     # stays there until a load succeeds.
-    async with failing_proxy(api.base_url, "/v1/topics") as proxy:
-        await p.goto(proxy.url + "/ui/#/schedules")
+    proxy = FailingProxy(api.base_url, "/v1/topics")
+    async with sink(proxy) as front:
+        await p.goto(front.url + "/ui/#/schedules")
         await sign_in()  # another origin: its own token store
         await expect(p.locator('#schedules tr[data-id="private"]')).to_be_visible()
         proxy.broken = True

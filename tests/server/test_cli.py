@@ -136,12 +136,17 @@ async def test_schedules_from_the_command_line(api: Api) -> None:
         "schedules", "set", "x", "--queue", "q", "--cron", "* *", "--target", "https://e.x/",
         *server,
     )  # fmt: skip
-    assert bad.code == 1 and "cron" in bad.stderr, bad
+    assert bad.code == 1 and "(field cron)" in bad.stderr, bad
+    unsent = await ap4k(
+        "schedules", "set", "x", "--queue", "q", "--cron", "* * * * *", "--target", "https://e.x/",
+        "--body", "{not json", *server,
+    )  # fmt: skip
+    assert unsent.code == 2 and "--body is not valid JSON" in unsent.stderr, unsent
     deleted = await ap4k("schedules", "delete", "hourly", *server)
     assert deleted.code == 0 and deleted.json() == {"deleted": "hourly"}
     gone = await ap4k("schedules", "delete", "hourly", *server)
     assert gone.code == 1 and "not_found" in gone.stderr
-    assert (await ap4k("schedules", "list", "--json", *server)).json() == []
+    assert (await ap4k("schedules", "list", "--json", *server)).json() == {"schedules": []}
 async def test_cli_prints_a_new_secret_once(api: Api) -> None:
     server = api.base_url
     run = await ap4k(

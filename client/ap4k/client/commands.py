@@ -162,7 +162,7 @@ Call = Callable[..., Awaitable[Any]]
 
 def _run(args: argparse.Namespace, work: Callable[[Call], Awaitable[Any]]) -> Any:
     """Run `work(call)` with a client for `args.server`; ApiError and ServerUnavailable
-    propagate to `_command`."""
+    propagate to `api_command`."""
     from ap4k.client import AsyncClient, RetryPolicy
 
     async def main() -> Any:
@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace, work: Callable[[Call], Awaitable[Any]]) -> An
     return asyncio.run(main())
 
 
-def _command(
+def api_command(
     show: Callable[[argparse.Namespace, Any], None],
 ) -> Callable[[Callable[[argparse.Namespace, Call], Awaitable[Any]]], Callable[..., int]]:
     """Wrap `fetch(args, call) -> data` into a command: prints `--json` or `show(args, data)`,
@@ -265,7 +265,7 @@ def _age(seconds: float | None) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
-def _time(iso: str | None) -> str | None:
+def time_text(iso: str | None) -> str | None:
     if iso is None:
         return None
     return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
@@ -284,7 +284,7 @@ def _print_messages(page: dict[str, Any], again: str) -> None:
             m.get("last_status"),
             m["last_error"],
             f"{m['method']} {m['target']}",
-            _time(m["created_at"]),
+            time_text(m["created_at"]),
         )
         for m in page["messages"]
     ]
@@ -338,13 +338,13 @@ def _message_body(args: argparse.Namespace) -> dict[str, Any]:
     return message
 
 
-def _show_json(args: argparse.Namespace, data: Any) -> None:
+def show_json(args: argparse.Namespace, data: Any) -> None:
     print(json.dumps(data, indent=2))
 
 
 # The answer is one small object, printed as JSON either way: `--json` of `ap4k send` is the
 # message's body.
-@_command(_show_json)
+@api_command(show_json)
 async def run_send(args: argparse.Namespace, call: Call) -> Any:
     message = _message_body(args)
     # Resent after a failure past sending only when the server can tell a resend.
@@ -356,7 +356,7 @@ def _show_list(args: argparse.Namespace, data: Any) -> None:
     _print_messages(data, f"ap4k messages list {args.queue}")
 
 
-@_command(_show_list)
+@api_command(_show_list)
 async def run_messages_list(args: argparse.Namespace, call: Call) -> Any:
     params = {"limit": str(args.limit), "order": "oldest" if args.oldest_first else "newest"}
     for key, value in [("state", args.state), ("after", args.after), ("dedup_key", args.dedup_key)]:
@@ -376,9 +376,9 @@ def _show_message(args: argparse.Namespace, m: Any) -> None:
         ("priority", m["priority"]),
         ("dedup key", m["dedup_key"]),
         ("ordering key", m["ordering_key"]),
-        ("created", _time(m["created_at"])),
-        ("scheduled", _time(m["scheduled_at"])),
-        ("finished", _time(m["finalized_at"])),
+        ("created", time_text(m["created_at"])),
+        ("scheduled", time_text(m["scheduled_at"])),
+        ("finished", time_text(m["finalized_at"])),
     ]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
@@ -394,7 +394,7 @@ def _show_message(args: argparse.Namespace, m: Any) -> None:
     rows = [
         (
             a["attempt"],
-            _time(a["at"]),
+            time_text(a["at"]),
             None if a["duration_ms"] is None else f"{a['duration_ms']:.1f}ms",
             a["outcome"],
             a["status"],
@@ -408,7 +408,7 @@ def _show_message(args: argparse.Namespace, m: Any) -> None:
     print(table(headers, rows, right=(0, 2, 4)))
 
 
-@_command(_show_message)
+@api_command(_show_message)
 async def run_messages_get(args: argparse.Namespace, call: Call) -> Any:
     return await call("GET", message_path(args.id))
 
@@ -417,7 +417,7 @@ def _show_cancelled(args: argparse.Namespace, data: Any) -> None:
     print(f"message {data['id']} {data['state']}")
 
 
-@_command(_show_cancelled)
+@api_command(_show_cancelled)
 async def run_messages_cancel(args: argparse.Namespace, call: Call) -> Any:
     return await call("DELETE", message_path(args.id))
 
@@ -449,7 +449,7 @@ def _show_queues(args: argparse.Namespace, data: Any) -> None:
     print(table(QUEUE_HEADERS, [_queue_row(q) for q in data["queues"]], right=QUEUE_NUMBERS))
 
 
-@_command(_show_queues)
+@api_command(_show_queues)
 async def run_queues(args: argparse.Namespace, call: Call) -> Any:
     return await call("GET", "/v1/queues")
 
@@ -464,7 +464,7 @@ def _show_queue(args: argparse.Namespace, q: Any) -> None:
         print(f"{key.ljust(width)}  {_cell(shown if shown != '' else None)}")
 
 
-@_command(_show_queue)
+@api_command(_show_queue)
 async def run_queue_show(args: argparse.Namespace, call: Call) -> Any:
     return await call("GET", queue_path(args.queue))
 
@@ -511,7 +511,7 @@ def _show_queue_set(args: argparse.Namespace, data: Any) -> None:
         _show_queue(args, data)
 
 
-@_command(_show_queue_set)
+@api_command(_show_queue_set)
 async def run_queue_set(args: argparse.Namespace, call: Call) -> Any:
     if args.new_signing_secret:
         return await call("POST", queue_path(args.queue, "signing-secrets"))
@@ -524,7 +524,7 @@ def _show_dead(args: argparse.Namespace, data: Any) -> None:
     _print_messages(data, f"ap4k dead {args.queue}")
 
 
-@_command(_show_dead)
+@api_command(_show_dead)
 async def run_dead(args: argparse.Namespace, call: Call) -> Any:
     params = {"limit": str(args.limit)}
     if args.after is not None:
@@ -542,14 +542,14 @@ def _show_count(key: str) -> Callable[[argparse.Namespace, Any], None]:
     return lambda args, data: print(f"{key}: {data[key]}")
 
 
-@_command(_show_count("redriven"))
+@api_command(_show_count("redriven"))
 async def run_redrive(args: argparse.Namespace, call: Call) -> Any:
     ids = _id_list(args.ids)
     body = None if ids is None else {"ids": ids}
     return await call("POST", queue_path(args.queue, "dead", "redrive"), body, idempotent=True)
 
 
-@_command(_show_count("purged"))
+@api_command(_show_count("purged"))
 async def run_purge(args: argparse.Namespace, call: Call) -> Any:
     ids = _id_list(args.ids)
     return await call(

@@ -1,22 +1,24 @@
-"""`ap4k schedules list|set|delete`: recurring schedules from a shell, through `AsyncClient`
-(so they need only `pip install ap4k`). A table by default, the API's JSON with `--json`;
-a refusal is one line on stderr with exit code 1 (2 for a bad command line)."""
+"""`ap4k schedules list|set|delete`: recurring schedules from a shell, run like the other
+shell commands (`commands.api_command`): through `AsyncClient`, so they need only
+`pip install ap4k`; a table by default, the API's JSON with `--json`; a refusal is one line
+on stderr with exit code 1 (2 for a bad command line)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
-import msgspec
-
-from ap4k.client.commands import output_flags
-
-# A shell command tries a few times (a server restarting), not for as long as an application.
-CLI_ATTEMPTS = 3
+from ap4k.client.commands import (
+    Call,
+    UsageError,
+    api_command,
+    output_flags,
+    show_json,
+    table,
+    time_text,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,88 +47,59 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     delete.set_defaults(func=run_delete)
 
 
-def _run(args: argparse.Namespace, work: Callable[[Any], Awaitable[Any]]) -> int:
-    """Run `work(client)`; print its result as JSON (--json) or as `args.show` renders it."""
-    from ap4k.client.async_client import AsyncClient
-    from ap4k.client.errors import ApiError, ServerUnavailable
-    from ap4k.core.retry import RetryPolicy
-
-    async def main() -> Any:
-        async with AsyncClient(
-            args.server,
-            token=args.api_token,
-            retry=RetryPolicy(attempts=CLI_ATTEMPTS),
-            user_agent="ap4k-cli",
-        ) as client:
-            return await work(client)
-
-    try:
-        result = asyncio.run(main())
-    except ApiError as exc:
-        print(f"ap4k schedules {args.action}: {exc}", file=sys.stderr)
-        return 1
-    except ServerUnavailable as exc:
-        print(f"ap4k schedules: cannot reach {args.server}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(msgspec.to_builtins(result), indent=2))
-    else:
-        print(_table(result if isinstance(result, list) else [result]))
-    return 0
+def schedule_path(name: str) -> str:
+    return "/v1/schedules/" + quote(name, safe="")
 
 
-def _table(schedules: list[Any]) -> str:
-    headers = ("NAME", "QUEUE", "CRON", "TIMEZONE", "NEXT FIRE", "LAST MESSAGE", "LAST ERROR")
-    rows = [
-        (
-            s.name,
-            s.queue,
-            s.cron,
-            s.timezone,
-            "paused" if s.paused else (s.next_fire_at.isoformat() if s.next_fire_at else "-"),
-            s.last_message_id or "-",
-            s.last_error or "",
-        )
-        for s in schedules
-    ]
-    widths = [max(len(str(v)) for v in column) for column in zip(headers, *rows, strict=True)]
-    return "\n".join(
-        "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-        for row in (headers, *rows)
+SCHEDULE_HEADERS = ("NAME", "QUEUE", "CRON", "TIMEZONE", "NEXT FIRE", "LAST MESSAGE", "LAST ERROR")
+
+
+def _schedule_row(s: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        s["name"],
+        s["queue"],
+        s["cron"],
+        s["timezone"],
+        "paused" if s["paused"] else time_text(s["next_fire_at"]),
+        s["last_message_id"],
+        s["last_error"],
     )
 
 
-def run_list(args: argparse.Namespace) -> int:
-    return _run(args, lambda client: client.schedules())
+def _show_list(args: argparse.Namespace, data: Any) -> None:
+    print(table(SCHEDULE_HEADERS, [_schedule_row(s) for s in data["schedules"]]))
 
 
-def run_set(args: argparse.Namespace) -> int:
+def _show_one(args: argparse.Namespace, data: Any) -> None:
+    print(table(SCHEDULE_HEADERS, [_schedule_row(data)]))
+
+
+@api_command(_show_list)
+async def run_list(args: argparse.Namespace, call: Call) -> Any:
+    return await call("GET", "/v1/schedules")
+
+
+@api_command(_show_one)
+async def run_set(args: argparse.Namespace, call: Call) -> Any:
     message: dict[str, Any] = {"target": args.target}
     if args.body is not None:
         try:
             message["body"] = json.loads(args.body)
         except json.JSONDecodeError as exc:
-            print(f"ap4k schedules set: --body is not valid JSON: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--body is not valid JSON: {exc}") from None
     if args.method:
         message["method"] = args.method
-    return _run(
-        args,
-        lambda client: client.set_schedule(
-            args.name,
-            args.queue,
-            args.cron,
-            message,
-            timezone=args.timezone,
-            paused=args.paused,
-        ),
-    )
+    schedule = {
+        "queue": args.queue,
+        "cron": args.cron,
+        "timezone": args.timezone,
+        "message": message,
+        "paused": args.paused,
+    }
+    return await call("PUT", schedule_path(args.name), schedule)
 
 
-def run_delete(args: argparse.Namespace) -> int:
-    async def delete(client: Any) -> dict[str, str]:
-        await client.delete_schedule(args.name)
-        return {"deleted": args.name}
-
-    args.json = True  # nothing to tabulate
-    return _run(args, delete)
+# The answer is `{"deleted": name}`, printed as JSON either way.
+@api_command(show_json)
+async def run_delete(args: argparse.Namespace, call: Call) -> Any:
+    return await call("DELETE", schedule_path(args.name))
