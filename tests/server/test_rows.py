@@ -6,6 +6,7 @@ import asyncpg
 import msgspec
 import pytest
 
+from ap4k.core import wire
 from ap4k.server import queries, rows
 from ap4k.server.store import Store, _rows
 
@@ -36,6 +37,9 @@ STATEMENTS: list[tuple[str, str, type[msgspec.Struct]]] = [
     ("PUT_TOPIC", queries.PUT_TOPIC, rows.TopicRow),
     ("GET_TOPIC", queries.GET_TOPIC, rows.TopicRow),
     ("LIST_TOPICS", queries.LIST_TOPICS, rows.TopicRow),
+    ("RECORD_CIRCUITS", queries.RECORD_CIRCUITS, rows.CircuitChangeRow),
+    ("LIST_CIRCUITS", queries.LIST_CIRCUITS, wire.Circuit),
+    ("HELD_CIRCUITS", queries.HELD_CIRCUITS, rows.QueueCountRow),
 ]
 
 

@@ -83,12 +83,55 @@ def test_the_crd_spells_every_queue_setting_the_operator_carries() -> None:
     assert QUEUE_SETTINGS["maxBackoffSeconds"] == "max_backoff_seconds"
 
 
+# Settings that are objects (`circuit_breaker`): their fields, by "setting.field".
+OBJECTS = wire.OBJECT_SETTINGS
+NESTED = {
+    f"{setting}.{field}": _bounds(_schema_of(struct)["properties"][field])
+    for setting, struct in OBJECTS.items()
+    for field in struct.__struct_fields__
+}
+
+
 @pytest.mark.parametrize("name", [n for n in SETTINGS if n not in NOT_IN_RESOURCE])
 def test_the_crd_bounds_are_the_declared_ones(name: str) -> None:
     crd_field = _crd_queue_item()["properties"][wire.snake_to_camel(name)]
     assert _crd_bounds(crd_field) == DECLARED[name], name
+    if name in OBJECTS:
+        assert crd_field["type"] == "object"
+        camel = {wire.snake_to_camel(f) for f in OBJECTS[name].__struct_fields__}
+        assert set(crd_field["properties"]) == camel, name
+        return
     json_type = _value_schema(_schema_of(wire.QueueSettingsUpdate)["properties"][name])["type"]
     assert crd_field["type"] == json_type, name
+
+
+@pytest.mark.parametrize("path", NESTED)
+def test_the_crd_and_both_parsers_hold_the_declared_bounds_of_object_settings(path: str) -> None:
+    setting, field = path.split(".")
+    crd = _crd_queue_item()["properties"][wire.snake_to_camel(setting)]["properties"]
+    crd_field = crd[wire.snake_to_camel(field)]
+    assert _crd_bounds(crd_field) == NESTED[path], path
+    served = openapi_document()["components"]["schemas"][OBJECTS[setting].__name__]
+    assert _bounds(served["properties"][field]) == NESTED[path], path
+    for value, accepted in _edges(NESTED[path]):
+        body = {setting: {field: value}}
+        spec = {
+            "database": {"secretName": "db"},
+            "queues": [
+                {"name": "q", wire.snake_to_camel(setting): {wire.snake_to_camel(field): value}}
+            ],
+        }
+        if accepted:
+            assert getattr(parse_settings(json.dumps(body).encode())[setting], field) == value
+            parsed = parse_spec("orders", "shop", spec).queues[0].settings[setting]
+            assert getattr(parsed, field) == value
+            continue
+        with pytest.raises(ApiError) as refused:
+            parse_settings(json.dumps(body).encode())
+        assert refused.value.field == path, (value, refused.value.message)
+        with pytest.raises(SpecError) as invalid:
+            parse_spec("orders", "shop", spec)
+        assert invalid.value.field.startswith("spec.queues[0]."), (value, invalid.value)
 
 
 @pytest.mark.parametrize("name", SETTINGS)

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from ap4k.core import names
@@ -126,6 +127,28 @@ SigningSecrets = Annotated[
         ),
     ),
 ]
+
+
+class CircuitBreaker(Struct, forbid_unknown_fields=True):
+    """A circuit per target origin (scheme://host:port): when retry-class failures (5xx, 408,
+    429, timeouts, connection errors) reach `failure_ratio` of at least `min_attempts`
+    attempts within `window_seconds`, the origin's messages are held, spending no attempts,
+    for `open_seconds`; then one probe delivery closes it (success) or opens it again."""
+
+    failure_ratio: Annotated[
+        float, Meta(gt=0, le=1, description="Failed share of the attempts that opens it.")
+    ] = 0.5
+    min_attempts: Annotated[
+        int, Meta(ge=1, le=1_000_000, description="Attempts in the window before it can open.")
+    ] = 10
+    window_seconds: Annotated[
+        float, Meta(gt=0, le=86400, description="How long outcomes count towards opening.")
+    ] = 60.0
+    open_seconds: Annotated[
+        float, Meta(gt=0, le=86400, description="How long it holds messages before a probe.")
+    ] = 30.0
+
+
 QueueName = Annotated[str, Meta(pattern=QUEUE_NAME_PATTERN)]
 MessageId = Annotated[str, Meta(pattern=MESSAGE_ID_PATTERN)]
 CarrierId = Annotated[
@@ -332,6 +355,7 @@ class QueueSettingsUpdate(Struct, forbid_unknown_fields=True, omit_defaults=True
     signing_secret: SigningSecret | UnsetType | None = UNSET
     # Write-only: the server reports only how many are set.
     signing_secrets: SigningSecrets | UnsetType | None = UNSET
+    circuit_breaker: CircuitBreaker | UnsetType | None = UNSET
 
     def changes(self) -> dict[str, Any]:
         """The settings given, by name."""
@@ -355,6 +379,22 @@ class QueueSettingsView(Struct):
     allowed_targets: list[str] = msgspec.field(default_factory=list)
     signing_secret_set: bool = False
     signing_secrets_set: int = 0
+    circuit_breaker: CircuitBreaker | None = None
+
+
+def _object_settings() -> dict[str, type[Struct]]:
+    """The settings whose values are objects, by name, with their struct."""
+    found: dict[str, type[Struct]] = {}
+    for field in msgspec.inspect.type_info(QueueSettingsView).fields:  # type: ignore[attr-defined]
+        kinds = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else ()
+        for kind in kinds:
+            if isinstance(kind, msgspec.inspect.StructType):
+                found[field.name] = kind.cls
+    return found
+
+
+# Stored as JSON (jsonb), spelled in camelCase field by field in the CRD.
+OBJECT_SETTINGS = _object_settings()
 
 
 class QueueDepth(Struct):
@@ -530,6 +570,24 @@ class CallbackBody(Struct):
     target: str
 
 
+CircuitState = Literal["open", "half_open"]
+
+
+class Circuit(Struct):
+    """A target origin whose messages are held (`open`) or waiting on a probe (`half_open`)."""
+
+    origin: str
+    state: CircuitState
+    opened_at: datetime
+    probe_at: datetime  # when an open circuit lets its probe through
+    failures: int  # in the window that opened it
+    attempts: int
+
+
+class CircuitList(Struct):
+    circuits: list[Circuit]
+
+
 # -- the carrier protocol -------------------------------------------------------------------
 
 
@@ -652,6 +710,11 @@ class Health(Struct):
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def camel_to_snake(name: str) -> str:
+    """`failureRatio` → `failure_ratio`."""
+    return re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), name)
 
 
 def snake_to_camel(name: str) -> str:

@@ -277,6 +277,8 @@ def _parse_queue(raw: Any, index: int) -> QueueSpec:
             continue
         if key not in QUEUE_SETTINGS:
             raise SpecError(f"{path}.{key}", "is not a queue setting")
+        if isinstance(value, Mapping):  # an object setting: its fields are camelCase too
+            value = {wire.camel_to_snake(k): v for k, v in value.items()}
         given[QUEUE_SETTINGS[key]] = value
     try:
         settings = msgspec.convert(given, wire.QueueSettingsUpdate).changes()

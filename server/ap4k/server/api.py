@@ -478,6 +478,13 @@ async def _existing_queue(request: web.Request) -> str:
     return name
 
 
+async def list_circuits(request: web.Request) -> web.Response:
+    """The queue's open and half-open circuits (none unless it has a circuit breaker)."""
+    queue = await _existing_queue(request)
+    circuits = await _services(request).store.list_circuits(queue)
+    return json_response(wire.CircuitList(circuits))
+
+
 def _limit(request: web.Request) -> int:
     limit = parse_id(request.query.get("limit", "100"))
     if limit is None or not 1 <= limit <= wire.MAX_PAGE:
@@ -727,6 +734,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/queues/{queue}/messages", list_messages)
     app.router.add_post("/v1/queues/{queue}/signing-secrets", add_signing_secret)
     app.router.add_delete("/v1/queues/{queue}/signing-secrets/oldest", drop_oldest_signing_secret)
+    app.router.add_get("/v1/queues/{queue}/circuits", list_circuits)
     app.router.add_get("/v1/queues/{queue}/dead", list_dead)
     app.router.add_post("/v1/queues/{queue}/dead/redrive", redrive_dead)
     app.router.add_delete("/v1/queues/{queue}/dead", purge_dead)

@@ -147,7 +147,9 @@ class Server:
             gauges_interval=s.gauges_interval_seconds,
             schedules=self.scheduler,
         )
-        self.recorder = OutcomeRecorder(store, wakeups, self.maintenance.poke_scheduler)
+        self.recorder = OutcomeRecorder(
+            store, wakeups, self.maintenance.poke_scheduler, directory=directory
+        )
         self.leaser = Leaser(store, directory, self.recorder)
         self.dispatchers = DispatcherPool(
             store,

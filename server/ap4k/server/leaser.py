@@ -10,9 +10,11 @@ released or rolled back behind it are found again.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import orjson
+from yarl import URL
 
 from ap4k.core.delivery import Delivery, Verdict
 from ap4k.core.targets import TargetError
@@ -21,6 +23,8 @@ from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
 from ap4k.server.queues import QueueDirectory
 from ap4k.server.rows import LeasedRow
 from ap4k.server.store import QueueSettings, Store
+
+log = logging.getLogger("ap4k.leaser")
 
 MAX_LEASE_BATCH = 100
 FLOOR_SECONDS = 1.0
@@ -69,6 +73,13 @@ class Leaser:
                 kind = "carrier" if is_carrier else "dispatcher"
                 metrics.LEASED.labels(queue, kind).inc(len(rows))
             for row in rows:
+                if row.probe:
+                    log.warning(
+                        "circuit half_open: queue %s, origin %s, probe message %d",
+                        queue,
+                        URL(row.target).origin(),
+                        row.id,
+                    )
                 delivery = self._delivery(row, settings, leased_by)
                 if delivery is not None:
                     out.append(delivery)

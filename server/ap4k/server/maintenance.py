@@ -45,6 +45,7 @@ class Maintenance:
         self.schedules = schedules
         self._scheduler_poke = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._circuit_queues: set[str] = set()
         self._known_gauges: set[tuple[str, str]] = set()
 
     def poke_scheduler(self) -> None:
@@ -151,3 +152,7 @@ class Maintenance:
             metrics.QUEUE_DEPTH.labels(queue, state).set(0)
             metrics.OLDEST_AVAILABLE_AGE.labels(queue).set(0)
         self._known_gauges |= seen
+        held = await self.store.held_circuits()
+        for queue in held.keys() | self._circuit_queues:
+            metrics.CIRCUITS_OPEN.labels(queue).set(held.get(queue, 0))
+        self._circuit_queues |= held.keys()

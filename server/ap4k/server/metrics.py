@@ -79,3 +79,8 @@ LEASED = Counter(
     "Messages leased, by who leased them: dispatcher or carrier.",
     ["queue", "leaser"],
 )
+CIRCUITS_OPEN = Gauge(
+    "ap4k_circuits_open",
+    "Target origins whose circuit is open or half-open (messages held), per queue.",
+    ["queue"],
+)

@@ -140,6 +140,7 @@ WIRE_OBJECTS: tuple[type[msgspec.Struct], ...] = (
     wire.PublishedMessage,
     wire.Published,
     wire.CallbackBody,
+    wire.CircuitList,
     wire.NewSigningSecret,
     wire.SigningSecretsCount,
     wire.ErrorBody,
@@ -355,6 +356,16 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [QUEUE_PARAM],
                 "responses": _responses(
                     ("200", _ref("SigningSecretsCount"), "How many secrets remain"), "400", "404"
+                ),
+            }
+        },
+        "/v1/queues/{queue}/circuits": {
+            "get": {
+                "operationId": "listCircuits",
+                "summary": "Target origins whose circuit is open or half-open",
+                "parameters": [QUEUE_PARAM],
+                "responses": _responses(
+                    ("200", _ref("CircuitList"), "Open and half-open circuits"), "400", "404"
                 ),
             }
         },

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from ap4k.core.delivery import Verdict
 from ap4k.server import metrics
-from ap4k.server.store import Store
+from ap4k.server.queues import QueueDirectory
+from ap4k.server.rows import FinishedRow
+from ap4k.server.store import DB_ERRORS, Store
 from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.outcomes")
@@ -51,8 +53,10 @@ class OutcomeRecorder:
         wakeups: Wakeups,
         on_retry_scheduled: Callable[[], None],
         concurrency: int = 1,
+        directory: QueueDirectory | None = None,
     ) -> None:
         self._store = store
+        self._directory = directory
         self._wakeups = wakeups
         self._on_retry_scheduled = on_retry_scheduled
         self._concurrency = concurrency
@@ -170,3 +174,62 @@ class OutcomeRecorder:
             self._wakeups.announce(wake)
         if retried:
             self._on_retry_scheduled()
+        if self._directory is not None and rows:
+            await self._count_for_circuits(batch, rows)
+
+    async def _count_for_circuits(
+        self,
+        batch: list[tuple[OutcomeReport, asyncio.Future[bool]]],
+        rows: list[FinishedRow],
+    ) -> None:
+        """Outcomes of queues with a circuit breaker count towards their origins' circuits.
+        After the callers have their answer: nothing waits on this."""
+        assert self._directory is not None
+        guarded = set()
+        for queue in {row.queue for row in rows}:
+            settings = self._directory.cached(queue)
+            if settings is None:
+                try:
+                    settings = await self._directory.get(queue, create=False)
+                except DB_ERRORS:
+                    continue
+            if settings is not None and settings.circuit_breaker is not None:
+                guarded.add(queue)
+        if not guarded:
+            return
+        verdicts = {r.id: r.verdict for r, _ in batch}
+        by_queue: dict[str, tuple[list[int], list[bool]]] = {}
+        for row in rows:
+            if row.queue in guarded:
+                ids, failed = by_queue.setdefault(row.queue, ([], []))
+                ids.append(row.id)
+                failed.append(verdicts[row.id] is Verdict.RETRY)
+        for queue, (ids, failed) in by_queue.items():
+            try:
+                changed = await self._store.record_circuits(queue, ids, failed)
+            except DB_ERRORS as exc:
+                log.warning(
+                    "counting %d outcomes of %s for its circuits failed: %s", len(ids), queue, exc
+                )
+                continue
+            if any(c.state == "closed" for c in changed):
+                self._on_retry_scheduled()  # the held messages were released: promote them
+            for c in changed:
+                if c.state == "closed":
+                    log.info(
+                        "circuit closed: queue %s, origin %s (the probe was delivered)",
+                        queue,
+                        c.origin,
+                    )
+                elif c.previous == "half_open":
+                    log.warning(
+                        "circuit open: queue %s, origin %s (the probe failed)", queue, c.origin
+                    )
+                else:
+                    log.warning(
+                        "circuit open: queue %s, origin %s (%d of %d attempts failed)",
+                        queue,
+                        c.origin,
+                        c.failures,
+                        c.attempts,
+                    )

@@ -58,8 +58,9 @@ FIND_BY_DEDUP_KEY = """
 SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_key = $2
 """
 
-# Versioned (migrations/0004): servers of two releases can run side by side in an upgrade.
-LEASE = "SELECT * FROM ap4k_lease_v1($1, $2, $3, $4, $5, $6)"
+# Versioned (migrations/0004, 0006): servers of two releases can run side by side in an
+# upgrade.
+LEASE = "SELECT * FROM ap4k_lease_v2($1, $2, $3, $4, $5, $6)"
 
 # A message's callback: an ordinary message in the same queue (retried, signed, guarded,
 # visible), with no callbacks of its own. Each outcome statement below inserts these in the
@@ -389,7 +390,8 @@ INSERT INTO ap4k_queues (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO N
 
 QUEUE_COLUMNS = """
 name, max_attempts, min_backoff_seconds, max_backoff_seconds, rate_limit_per_second,
-max_concurrency, paused, base_url, allowed_targets, signing_secret, signing_secrets
+max_concurrency, paused, base_url, allowed_targets, signing_secret, signing_secrets,
+circuit_breaker::text AS circuit_breaker
 """
 
 GET_QUEUE = f"SELECT {QUEUE_COLUMNS} FROM ap4k_queues WHERE name = $1"
@@ -476,6 +478,31 @@ DROP_OLDEST_SIGNING_SECRET = f"""
 UPDATE ap4k_queues SET signing_secrets = signing_secrets[2:], updated_at = now()
  WHERE name = $1
 RETURNING {QUEUE_COLUMNS}
+"""
+
+# Circuit breakers (migrations/0006): outcomes of one queue's deliveries, and what is held.
+RECORD_CIRCUITS = "SELECT * FROM ap4k_circuit_record($1, $2, $3)"
+
+LIST_CIRCUITS = """
+SELECT origin, state, opened_at, probe_at, failures, attempts
+  FROM ap4k_circuits
+ WHERE queue = $1 AND state <> 'closed'
+ ORDER BY origin
+"""
+
+HELD_CIRCUITS = """
+SELECT queue, count(*) AS n FROM ap4k_circuits WHERE state <> 'closed' GROUP BY queue
+"""
+
+# A queue's circuit breaker turned off: its circuits go, and what they held may go now.
+FORGET_CIRCUITS = """
+WITH gone AS (
+    DELETE FROM ap4k_circuits WHERE queue = $1 RETURNING origin, state
+)
+UPDATE ap4k_messages m
+   SET scheduled_at = now()
+ WHERE m.queue = $1 AND m.state = 'retryable' AND m.scheduled_at > now()
+   AND ap4k_origin(m.target) IN (SELECT origin FROM gone WHERE state <> 'closed')
 """
 
 NOTIFY = "SELECT pg_notify($1, $2)"

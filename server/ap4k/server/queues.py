@@ -38,6 +38,13 @@ class QueueDirectory:
         self.put(settings)
         return settings
 
+    def cached(self, name: str) -> QueueSettings | None:
+        """The settings in hand, if fresh (no database round trip)."""
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        return None
+
     async def unpaused_names(self) -> list[str]:
         """Names of the queues not paused, at most a fraction of a second old: every
         carrier's lease call looks at them, and they change only with settings."""

@@ -33,7 +33,7 @@ def as_view(cls: type[View], row: msgspec.Struct, **overrides: Any) -> View:
 
 
 class LeasedRow(msgspec.Struct, frozen=True):
-    """A message just leased (LEASE: the columns of `ap4k_lease_v1`)."""
+    """A message just leased (LEASE: the columns of `ap4k_lease_v2`)."""
 
     id: int
     target: str
@@ -47,6 +47,7 @@ class LeasedRow(msgspec.Struct, frozen=True):
     ordering_key: str | None
     lease_order: int
     lease_expires_at: datetime
+    probe: bool  # the probe of its origin's half-open circuit
 
 
 class FinishedRow(msgspec.Struct, frozen=True):
@@ -58,6 +59,17 @@ class FinishedRow(msgspec.Struct, frozen=True):
     ordering_key: str | None
     created_at: float  # epoch seconds
     called_back: bool  # a callback message was enqueued for it
+
+
+class CircuitChangeRow(msgspec.Struct, frozen=True):
+    """A circuit that outcomes moved from `previous` to `state`, with the counts of the
+    window that moved it (RECORD_CIRCUITS)."""
+
+    origin: str
+    state: str  # closed | open | half_open
+    previous: str
+    failures: int
+    attempts: int
 
 
 class ReleasedRow(msgspec.Struct, frozen=True):

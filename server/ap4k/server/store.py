@@ -19,6 +19,7 @@ from ap4k.server.migrate import migrate
 from ap4k.server.rows import (
     AttemptRow,
     CancelledRow,
+    CircuitChangeRow,
     DepthRow,
     DueScheduleRow,
     ExtendedRow,
@@ -89,6 +90,7 @@ class QueueSettings:
     signing_secret: str | None
     signing_secrets: tuple[str, ...] = ()
     webhook_keys: tuple[bytes, ...] = ()  # the HMAC keys of signing_secrets
+    circuit_breaker: wire.CircuitBreaker | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> QueueSettings:
@@ -99,6 +101,7 @@ class QueueSettings:
                 "allowed_targets": tuple(r["allowed_targets"] or ()),
                 "signing_secrets": tuple(r["signing_secrets"]),
                 "webhook_keys": tuple(signatures.secret_key(s) for s in r["signing_secrets"]),
+                **{f: _decode_setting(r[f], kind) for f, kind in wire.OBJECT_SETTINGS.items()},
             }
         )
 
@@ -127,6 +130,21 @@ _SHOWN = tuple(
     for f in wire.QueueSettingsView.__struct_fields__
     if f not in ("signing_secret_set", "signing_secrets_set")
 )
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def _decode_setting(text: str | None, kind: type[S]) -> S | None:
+    """A setting stored as jsonb (asyncpg hands it over as text)."""
+    return None if text is None else msgspec.json.decode(text, type=kind)
+
+
+def _encode_setting(value: Any) -> Any:
+    """A setting as its column takes it: structs as JSON with every field (the SQL reads
+    each one)."""
+    if isinstance(value, msgspec.Struct):
+        return msgspec.json.encode(msgspec.structs.asdict(value)).decode()
+    return value
 
 
 @dataclass(slots=True)
@@ -407,6 +425,26 @@ class Store:
             records = await conn.fetch(queries.COMPLETED_WITHIN, seconds)
         return {r.queue: r.n for r in _rows(QueueCountRow, records)}
 
+    async def record_circuits(
+        self, queue: str, ids: Sequence[int], failed: Sequence[bool]
+    ) -> list[CircuitChangeRow]:
+        """Count outcomes towards the queue's circuits; the circuits that changed state."""
+        async with self.dispatch_pool.acquire() as conn:
+            records = await conn.fetch(queries.RECORD_CIRCUITS, queue, ids, failed)
+        return _rows(CircuitChangeRow, records)
+
+    async def list_circuits(self, queue: str) -> list[wire.Circuit]:
+        """The queue's open and half-open circuits."""
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch(queries.LIST_CIRCUITS, queue)
+        return _rows(wire.Circuit, records)  # the wire object's fields are the columns
+
+    async def held_circuits(self) -> dict[str, int]:
+        """Open and half-open circuits per queue."""
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch(queries.HELD_CIRCUITS)
+        return {r.queue: r.n for r in _rows(QueueCountRow, records)}
+
     async def notify(self, channel: str, payload: str) -> None:
         async with self.dispatch_pool.acquire() as conn:
             await conn.execute(queries.NOTIFY, channel, payload)
@@ -507,9 +545,12 @@ class Store:
                     assignments=assignments, columns=queries.QUEUE_COLUMNS
                 )
                 values = [
-                    list(changes[c] or []) if c in LIST_SETTINGS else changes[c] for c in columns
+                    list(changes[c] or []) if c in LIST_SETTINGS else _encode_setting(changes[c])
+                    for c in columns
                 ]
                 record = await conn.fetchrow(sql, name, *values)
+                if "circuit_breaker" in changes and changes["circuit_breaker"] is None:
+                    await conn.execute(queries.FORGET_CIRCUITS, name)
         assert record is not None
         return QueueSettings.from_record(record)
 
