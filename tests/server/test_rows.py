@@ -40,6 +40,7 @@ STATEMENTS: list[tuple[str, str, type[msgspec.Struct]]] = [
     ("RECORD_CIRCUITS", queries.RECORD_CIRCUITS, rows.CircuitChangeRow),
     ("LIST_CIRCUITS", queries.LIST_CIRCUITS, wire.Circuit),
     ("HELD_CIRCUITS", queries.HELD_CIRCUITS, rows.QueueCountRow),
+    ("LIST_FLOW_KEYS", queries.LIST_FLOW_KEYS, wire.FlowKey),
 ]
 
 

@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     send.add_argument("--priority", type=int, default=None, help="higher goes first")
     send.add_argument("--dedup-key", default=None, help="the same key in a queue enqueues once")
     send.add_argument("--ordering-key", default=None, help="deliver such messages one by one")
+    send.add_argument("--flow-key", default=None, help="the key the queue's flow_limits count")
     send.add_argument("--max-attempts", type=int, default=None)
     send.add_argument("--timeout", type=float, default=None, help="delivery timeout in seconds")
     _server_flags(send)
@@ -330,6 +331,7 @@ def _message_body(args: argparse.Namespace) -> dict[str, Any]:
         ("priority", args.priority),
         ("dedup_key", args.dedup_key),
         ("ordering_key", args.ordering_key),
+        ("flow_key", args.flow_key),
         ("max_attempts", args.max_attempts),
         ("timeout_seconds", args.timeout),
     ]:

@@ -61,6 +61,7 @@ class MessageOptions(TypedDict, total=False):
     timeout_seconds: float | None
     callback: str | None
     failure_callback: str | None
+    flow_key: str | None
     delay_seconds: float | None
     not_before: datetime | None
     dedup_key: str | None

@@ -149,6 +149,30 @@ class CircuitBreaker(Struct, forbid_unknown_fields=True):
     ] = 30.0
 
 
+class FlowLimits(Struct, forbid_unknown_fields=True):
+    """Limits applied to each distinct `flow_key` of the queue separately (messages without a
+    key are limited by the queue's own limits only). Unset: no such limit."""
+
+    rate_limit_per_second: (
+        Annotated[
+            float,
+            Meta(
+                gt=0,
+                le=MAX_RATE_LIMIT,
+                description="Deliveries per second per key (a token bucket of one second).",
+            ),
+        ]
+        | None
+    ) = None
+    max_concurrency: (
+        Annotated[
+            int,
+            Meta(ge=1, le=MAX_CONCURRENCY_LIMIT, description="Deliveries in flight per key."),
+        ]
+        | None
+    ) = None
+
+
 QueueName = Annotated[str, Meta(pattern=QUEUE_NAME_PATTERN)]
 MessageId = Annotated[str, Meta(pattern=MESSAGE_ID_PATTERN)]
 CarrierId = Annotated[
@@ -183,6 +207,7 @@ class MessageBase(Struct, forbid_unknown_fields=True, omit_defaults=True):
     timeout_seconds: TimeoutSeconds | None = None
     callback: Target | None = None
     failure_callback: Target | None = None
+    flow_key: Key | None = None
 
     @property
     def url(self) -> str:
@@ -284,6 +309,7 @@ class MessageView(Struct):
     last_response_excerpt: str | None = None
     callback: str | None = None
     failure_callback: str | None = None
+    flow_key: str | None = None
 
 
 class Attempt(Struct):
@@ -356,6 +382,7 @@ class QueueSettingsUpdate(Struct, forbid_unknown_fields=True, omit_defaults=True
     # Write-only: the server reports only how many are set.
     signing_secrets: SigningSecrets | UnsetType | None = UNSET
     circuit_breaker: CircuitBreaker | UnsetType | None = UNSET
+    flow_limits: FlowLimits | UnsetType | None = UNSET
 
     def changes(self) -> dict[str, Any]:
         """The settings given, by name."""
@@ -380,6 +407,7 @@ class QueueSettingsView(Struct):
     signing_secret_set: bool = False
     signing_secrets_set: int = 0
     circuit_breaker: CircuitBreaker | None = None
+    flow_limits: FlowLimits | None = None
 
 
 def _object_settings() -> dict[str, type[Struct]]:
@@ -586,6 +614,18 @@ class Circuit(Struct):
 
 class CircuitList(Struct):
     circuits: list[Circuit]
+
+
+class FlowKey(Struct):
+    """A flow key with messages in flight or ready to go."""
+
+    flow_key: str
+    in_flight: int  # running: leased, being delivered
+    waiting: int  # available: ready, held back by the key's limits
+
+
+class FlowKeyList(Struct):
+    flow_keys: list[FlowKey]
 
 
 # -- the carrier protocol -------------------------------------------------------------------

@@ -485,6 +485,13 @@ async def list_circuits(request: web.Request) -> web.Response:
     return json_response(wire.CircuitList(circuits))
 
 
+async def list_flow_keys(request: web.Request) -> web.Response:
+    """The queue's busiest flow keys: in flight, then waiting."""
+    queue = await _existing_queue(request)
+    keys = await _services(request).store.list_flow_keys(queue, _limit(request))
+    return json_response(wire.FlowKeyList(keys))
+
+
 def _limit(request: web.Request) -> int:
     limit = parse_id(request.query.get("limit", "100"))
     if limit is None or not 1 <= limit <= wire.MAX_PAGE:
@@ -735,6 +742,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/queues/{queue}/signing-secrets", add_signing_secret)
     app.router.add_delete("/v1/queues/{queue}/signing-secrets/oldest", drop_oldest_signing_secret)
     app.router.add_get("/v1/queues/{queue}/circuits", list_circuits)
+    app.router.add_get("/v1/queues/{queue}/flow-keys", list_flow_keys)
     app.router.add_get("/v1/queues/{queue}/dead", list_dead)
     app.router.add_post("/v1/queues/{queue}/dead/redrive", redrive_dead)
     app.router.add_delete("/v1/queues/{queue}/dead", purge_dead)

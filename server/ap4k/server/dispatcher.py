@@ -155,9 +155,9 @@ class DispatcherPool:
     def reserve(self, settings: QueueSettings, wanted: int) -> int:
         """How many of `wanted` new messages of this queue we will deliver straight away,
         inserted already leased to us (no lease statement): only while workers are idle,
-        the queue has no backlog we know of, and no pause, limit or circuit breaker needs
-        the database's view. The caller hands them over with `take()` or gives the places back with
-        `unreserve()`."""
+        the queue has no backlog we know of, and no pause, limit (the queue's or its flow
+        keys') or circuit breaker needs the database's view. The caller hands them over
+        with `take()` or gives the places back with `unreserve()`."""
         if (
             self.size <= 0
             or self._stopping
@@ -165,6 +165,7 @@ class DispatcherPool:
             or settings.rate_limit_per_second is not None
             or settings.max_concurrency is not None
             or settings.circuit_breaker is not None
+            or settings.flow_limits is not None
             or settings.name in self._active
         ):
             return 0

@@ -130,6 +130,7 @@ class Maintenance:
         return total
 
     async def prune(self) -> int:
+        await self.store.prune_flow_buckets()
         total = 0
         while True:
             deleted = await self.store.prune_finished(self.retention_seconds, PRUNE_BATCH)

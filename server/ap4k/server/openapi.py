@@ -141,6 +141,7 @@ WIRE_OBJECTS: tuple[type[msgspec.Struct], ...] = (
     wire.Published,
     wire.CallbackBody,
     wire.CircuitList,
+    wire.FlowKeyList,
     wire.NewSigningSecret,
     wire.SigningSecretsCount,
     wire.ErrorBody,
@@ -366,6 +367,23 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [QUEUE_PARAM],
                 "responses": _responses(
                     ("200", _ref("CircuitList"), "Open and half-open circuits"), "400", "404"
+                ),
+            }
+        },
+        "/v1/queues/{queue}/flow-keys": {
+            "get": {
+                "operationId": "listFlowKeys",
+                "summary": "The busiest flow keys: in flight, then waiting",
+                "parameters": [
+                    QUEUE_PARAM,
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": wire.MAX_PAGE},
+                    },
+                ],
+                "responses": _responses(
+                    ("200", _ref("FlowKeyList"), "Flow keys with their counts"), "400", "404"
                 ),
             }
         },

@@ -175,17 +175,19 @@ class OutcomeRecorder:
         if retried:
             self._on_retry_scheduled()
         if self._directory is not None and rows:
-            await self._count_for_circuits(batch, rows)
+            await self._after_outcomes(batch, rows)
 
-    async def _count_for_circuits(
+    async def _after_outcomes(
         self,
         batch: list[tuple[OutcomeReport, asyncio.Future[bool]]],
         rows: list[FinishedRow],
     ) -> None:
-        """Outcomes of queues with a circuit breaker count towards their origins' circuits.
-        After the callers have their answer: nothing waits on this."""
+        """A finished delivery of a queue with flow limits makes room for its key: lease
+        again. Outcomes of queues with a circuit breaker count towards their origins'
+        circuits. After the callers have their answer: nothing waits on this."""
         assert self._directory is not None
         guarded = set()
+        flowing = set()
         for queue in {row.queue for row in rows}:
             settings = self._directory.cached(queue)
             if settings is None:
@@ -195,6 +197,10 @@ class OutcomeRecorder:
                     continue
             if settings is not None and settings.circuit_breaker is not None:
                 guarded.add(queue)
+            if settings is not None and settings.flow_limits is not None:
+                flowing.add(queue)
+        if flowing:
+            self._wakeups.announce(flowing)
         if not guarded:
             return
         verdicts = {r.id: r.verdict for r, _ in batch}

@@ -15,15 +15,15 @@ WITH input AS (
            coalesce(t.not_before, now() + make_interval(secs => coalesce(t.delay, 0))) AS due
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int[],
                   $7::text[], $8::text[], $9::int[], $10::real[], $11::float8[],
-                  $12::timestamptz[], $13::text[], $14::text[], $15::text[])
+                  $12::timestamptz[], $13::text[], $14::text[], $15::text[], $16::text[])
            WITH ORDINALITY AS t(queue, target, method, headers, body, priority, dedup_key,
                                 ordering_key, max_attempts, timeout_seconds, delay,
-                                not_before, leased_by, callback, failure_callback, ord)
+                                not_before, leased_by, callback, failure_callback, flow_key, ord)
 ), inserted AS (
     INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
                                lease_order, dedup_key, ordering_key, max_attempts,
                                timeout_seconds, scheduled_at, attempt, leased_by,
-                               attempted_at, lease_expires_at, callback, failure_callback)
+                               attempted_at, lease_expires_at, callback, failure_callback, flow_key)
     SELECT id, queue,
            (CASE WHEN leased_by IS NOT NULL THEN 'running'
                  WHEN due > now() THEN 'scheduled'
@@ -33,8 +33,8 @@ WITH input AS (
            CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
            CASE WHEN leased_by IS NOT NULL THEN now() END,
            CASE WHEN leased_by IS NOT NULL
-                THEN now() + make_interval(secs => greatest($16, 2 * timeout_seconds + 1)) END,
-           callback, failure_callback
+                THEN now() + make_interval(secs => greatest($17, 2 * timeout_seconds + 1)) END,
+           callback, failure_callback, flow_key
       FROM input
      ORDER BY ord
         ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
@@ -58,8 +58,8 @@ FIND_BY_DEDUP_KEY = """
 SELECT id, state::text AS state FROM ap4k_messages WHERE queue = $1 AND dedup_key = $2
 """
 
-# Versioned (migrations/0004, 0006): servers of two releases can run side by side in an
-# upgrade.
+# Versioned (migrations/0004, 0006; 0007 gives v2 its flow limits): servers of two releases
+# can run side by side in an upgrade.
 LEASE = "SELECT * FROM ap4k_lease_v2($1, $2, $3, $4, $5, $6)"
 
 # A message's callback: an ordinary message in the same queue (retried, signed, guarded,
@@ -307,7 +307,7 @@ MESSAGE_COLUMNS = """
 id, queue, state::text AS state, target, method, headers, body, priority, dedup_key,
 ordering_key, attempt, coalesce(max_attempts, (SELECT q.max_attempts FROM ap4k_queues q
 WHERE q.name = queue)) AS max_attempts, timeout_seconds, last_error, created_at,
-scheduled_at, attempted_at, finalized_at, callback, failure_callback,
+scheduled_at, attempted_at, finalized_at, callback, failure_callback, flow_key,
 CASE WHEN state = 'completed' THEN delivered_status
      WHEN last_error IS NOT NULL THEN (SELECT a.status FROM ap4k_attempts a
           WHERE a.message_id = ap4k_messages.id ORDER BY a.seq DESC LIMIT 1) END AS last_status,
@@ -391,7 +391,7 @@ INSERT INTO ap4k_queues (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO N
 QUEUE_COLUMNS = """
 name, max_attempts, min_backoff_seconds, max_backoff_seconds, rate_limit_per_second,
 max_concurrency, paused, base_url, allowed_targets, signing_secret, signing_secrets,
-circuit_breaker::text AS circuit_breaker
+circuit_breaker::text AS circuit_breaker, flow_limits::text AS flow_limits
 """
 
 GET_QUEUE = f"SELECT {QUEUE_COLUMNS} FROM ap4k_queues WHERE name = $1"
@@ -503,6 +503,28 @@ UPDATE ap4k_messages m
    SET scheduled_at = now()
  WHERE m.queue = $1 AND m.state = 'retryable' AND m.scheduled_at > now()
    AND ap4k_origin(m.target) IN (SELECT origin FROM gone WHERE state <> 'closed')
+"""
+
+# Flow keys (migrations/0007): the busiest keys of a queue.
+LIST_FLOW_KEYS = """
+SELECT flow_key,
+       count(*) FILTER (WHERE state = 'running') AS in_flight,
+       count(*) FILTER (WHERE state = 'available') AS waiting
+  FROM ap4k_messages
+ WHERE queue = $1 AND flow_key IS NOT NULL AND state IN ('available', 'running')
+ GROUP BY flow_key
+ ORDER BY in_flight DESC, waiting DESC, flow_key
+ LIMIT $2
+"""
+
+# A key's bucket that has refilled holds nothing worth keeping.
+PRUNE_FLOW_BUCKETS = """
+DELETE FROM ap4k_flow_keys b
+ USING ap4k_queues q
+ WHERE q.name = b.queue
+   AND (q.flow_limits IS NULL
+        OR b.refilled_at < now() - make_interval(secs => greatest(
+               1.0, 1.0 / coalesce((q.flow_limits->>'rate_limit_per_second')::float8, 1.0))))
 """
 
 NOTIFY = "SELECT pg_notify($1, $2)"

@@ -138,6 +138,7 @@ class MessageRow(msgspec.Struct, frozen=True):
     finalized_at: datetime | None
     callback: str | None
     failure_callback: str | None
+    flow_key: str | None
     last_status: int | None
     last_response_excerpt: str | None
 

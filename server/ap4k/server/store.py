@@ -91,6 +91,7 @@ class QueueSettings:
     signing_secrets: tuple[str, ...] = ()
     webhook_keys: tuple[bytes, ...] = ()  # the HMAC keys of signing_secrets
     circuit_breaker: wire.CircuitBreaker | None = None
+    flow_limits: wire.FlowLimits | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> QueueSettings:
@@ -185,6 +186,7 @@ def _enqueue_columns(rows: Sequence[EnqueueRow]) -> list[list[Any]]:
         [r.leased_by for r in rows],
         [r.callback for r in rows],
         [r.failure_callback for r in rows],
+        [m.flow_key for m in messages],
     ]
 
 
@@ -438,6 +440,17 @@ class Store:
         async with self.pool.acquire() as conn:
             records = await conn.fetch(queries.LIST_CIRCUITS, queue)
         return _rows(wire.Circuit, records)  # the wire object's fields are the columns
+
+    async def list_flow_keys(self, queue: str, limit: int) -> list[wire.FlowKey]:
+        """The queue's busiest flow keys: most in flight, then most waiting."""
+        async with self.pool.acquire() as conn:
+            records = await conn.fetch(queries.LIST_FLOW_KEYS, queue, limit)
+        return _rows(wire.FlowKey, records)  # the wire object's fields are the columns
+
+    async def prune_flow_buckets(self) -> int:
+        async with self.dispatch_pool.acquire() as conn:
+            status: str = await conn.execute(queries.PRUNE_FLOW_BUCKETS)
+        return int(status.split()[-1])
 
     async def held_circuits(self) -> dict[str, int]:
         """Open and half-open circuits per queue."""
