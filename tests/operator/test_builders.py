@@ -15,6 +15,7 @@ from ap4k.operator.builders import (
     desired_children,
 )
 from ap4k.operator.config import OperatorConfig
+from ap4k.operator.queue_server import settings_match
 from ap4k.operator.spec import parse_spec
 
 CONFIG = OperatorConfig(image="registry.test/ap4k:9.9.9")
@@ -173,3 +174,22 @@ def test_builders_are_pure() -> None:
     s = spec(queues=[{"name": "a", "maxAttempts": 2}])
     assert build_server_deployment(s, CONFIG) == build_server_deployment(s, CONFIG)
     assert desired_children(s, OWNER, CONFIG, 1) == desired_children(s, OWNER, CONFIG, 1)
+
+
+def test_object_settings_are_json_objects_that_match_the_servers_view() -> None:
+    s = spec(queues=[{"name": "hooks", "circuitBreaker": {"openSeconds": 5},
+                      "flowLimits": {"maxConcurrency": 2}}])
+    desired = build_queue_settings(s)["hooks"]
+    # Every field (the server's defaults filled in), as the PUT body and the server's view.
+    assert desired == {
+        "circuit_breaker": {"failure_ratio": 0.5, "min_attempts": 10, "window_seconds": 60.0,
+                            "open_seconds": 5.0},
+        "flow_limits": {"rate_limit_per_second": None, "max_concurrency": 2},
+    }
+    shown = {"max_attempts": 25, "circuit_breaker": {"failure_ratio": 0.5, "min_attempts": 10,
+                                                     "window_seconds": 60, "open_seconds": 5},
+             "flow_limits": {"rate_limit_per_second": None, "max_concurrency": 2}}
+    assert settings_match(shown, desired)
+    assert not settings_match({**shown, "circuit_breaker": None}, desired)
+    changed = {**shown, "flow_limits": {"rate_limit_per_second": None, "max_concurrency": 3}}
+    assert not settings_match(changed, desired)

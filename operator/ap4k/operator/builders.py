@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import msgspec
 
 from ap4k.operator.config import CARRIER_METRICS_PORT, SERVER_PORT, OperatorConfig, endpoint
 from ap4k.operator.constants import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, OWNER_LABEL
@@ -224,8 +225,10 @@ def build_carrier_deployment(spec: AsyncQueueSpec, config: OperatorConfig, repli
 
 
 def build_queue_settings(spec: AsyncQueueSpec) -> dict[str, dict[str, Any]]:
-    """The body of `PUT /v1/queues/{name}` for each declared queue (snake_case)."""
-    return {queue.name: dict(queue.settings) for queue in spec.queues}
+    """The body of `PUT /v1/queues/{name}` for each declared queue (snake_case; an object
+    setting such as `circuit_breaker` as a JSON object with every field, as the server shows
+    it back)."""
+    return {queue.name: msgspec.to_builtins(dict(queue.settings)) for queue in spec.queues}
 
 
 def desired_children(

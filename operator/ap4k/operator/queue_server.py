@@ -113,7 +113,10 @@ def settings_match(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bo
     """Whether the server's settings already hold every desired value."""
     for key, value in desired.items():
         have = current.get(key)
-        if isinstance(value, float | int) and not isinstance(value, bool):
+        if isinstance(value, Mapping):  # an object setting: field by field
+            if not isinstance(have, Mapping) or not settings_match(have, value):
+                return False
+        elif isinstance(value, float | int) and not isinstance(value, bool):
             if not isinstance(have, float | int) or not math.isclose(have, value):
                 return False
         elif have != value:
