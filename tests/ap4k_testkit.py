@@ -42,6 +42,25 @@ async def create_database(admin_url: str, prefix: str = "t") -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
+async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Serve `app` on 127.0.0.1, on `port` or a free one: (its runner, to clean up; the port)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = port or free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    """`app` served on 127.0.0.1 while in the block; yields its base URL."""
+    runner, port = await start_app(app, port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @dataclass
 class Received:
     message_id: str
@@ -78,10 +97,7 @@ class Sink:
     async def start(self) -> Sink:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        self.port = self.port or free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner, self.port = await start_app(app, self.port)
         return self
 
     async def stop(self) -> None:

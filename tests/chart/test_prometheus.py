@@ -29,6 +29,7 @@ import yaml
 from aiohttp import web
 
 from ap4k.core.embedded_pg import free_port
+from ap4k_testkit import serving
 from tests.chart.conftest import (
     DOCUMENTED_CARRIER_METRICS,
     DOCUMENTED_OPERATOR_METRICS,
@@ -82,15 +83,8 @@ async def sink() -> AsyncIterator[Sink]:
     app.router.add_post("/ok", ok)
     app.router.add_post("/bad", bad)
     app.router.add_post("/flaky", flaky)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    state.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as state.url:
         yield state
-    finally:
-        await runner.cleanup()
 
 
 def _spawn(

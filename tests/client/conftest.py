@@ -28,6 +28,7 @@ import pytest
 from aiohttp import web
 
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
+from ap4k_testkit import serving
 
 _names = itertools.count()
 
@@ -100,15 +101,8 @@ async def target() -> AsyncIterator[Target]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    recorder.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app) as recorder.url:
         yield recorder
-    finally:
-        await runner.cleanup()
 
 
 # -- ap4k serve --------------------------------------------------------------------------

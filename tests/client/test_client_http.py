@@ -25,6 +25,7 @@ from ap4k.client import (
     Unauthorized,
 )
 from ap4k.core.embedded_pg import free_port
+from ap4k_testkit import start_app
 
 FAST = RetryPolicy(attempts=6, min_backoff_seconds=0.01, max_backoff_seconds=0.05)
 
@@ -70,10 +71,7 @@ async def scripted() -> AsyncIterator[Callable[..., Scripted]]:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await start_app(app)
         runners.append(runner)
         server.url = f"http://127.0.0.1:{port}"
         made.append(server)

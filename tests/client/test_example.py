@@ -11,9 +11,9 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from ap4k.core.embedded_pg import free_port
+from ap4k_testkit import serving
 
 from .conftest import ServerProcess, Target
 
@@ -41,11 +41,7 @@ async def test_orders_app(
         mailer_url=target.url,
         mail_delay_seconds=0.2,
     )
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(app, port) as base:
         async with aiohttp.ClientSession() as http:
             async with http.post(base + "/orders", json={"item": "tea", "quantity": 2}) as r:
                 assert r.status == 201
@@ -68,5 +64,4 @@ async def test_orders_app(
         assert [(o["id"], o["status"]) for o in orders] == [(order_id, "fulfilled")]
         assert orders[0]["fulfilled_by"]  # the Ap4k-Message-Id of the delivery
         assert await app_conn.fetchval("SELECT count(*) FROM ap4k_outbox") == 0
-    finally:
-        await runner.cleanup()
+
