@@ -68,6 +68,12 @@ LEASE = "SELECT * FROM ap4k_lease_v2($1, $2, $3, $4, $5, $6)"
 # is a query of the finished messages: (id, queue, state, attempt, status, excerpt, target,
 # url); rows without a url (most) insert nothing.
 CALLBACK_ROWS = "SELECT id, queue, state, attempt, status, excerpt, target, url FROM {source}"
+# What both outcome statements return of the messages they finished (rows.FinishedRow).
+FINISHED_ROWS = """
+SELECT id, queue, state, ordering_key, extract(epoch FROM created_at)::float8 AS created_at,
+       url IS NOT NULL AS called_back
+  FROM {source}
+"""
 CALLBACKS = """
 INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
                            lease_order, scheduled_at)
@@ -141,10 +147,7 @@ WITH o AS (
 ), callbacks AS (
     {CALLBACKS.format(rows=CALLBACK_ROWS.format(source="updated"))}
 )
-SELECT id, queue, state, ordering_key, extract(epoch FROM created_at)::float8 AS created_at,
-       url IS NOT NULL AS called_back
-  FROM updated
-"""
+{FINISHED_ROWS.format(source="updated")}"""
 
 # The common case on its own: a batch of successful deliveries (fewer columns to send and
 # no policy to look up). The success's status and duration are kept on the message itself:
@@ -167,10 +170,7 @@ WITH completed AS (
 ), callbacks AS (
     {CALLBACKS.format(rows=CALLBACK_ROWS.format(source="completed"))}
 )
-SELECT id, queue, state, ordering_key, extract(epoch FROM created_at)::float8 AS created_at,
-       url IS NOT NULL AS called_back
-  FROM completed
-"""
+{FINISHED_ROWS.format(source="completed")}"""
 
 # Give leased but undelivered messages back (drain, or a carrier letting go).
 RELEASE = """
@@ -273,13 +273,17 @@ DELETE FROM ap4k_attempts a
    AND NOT EXISTS (SELECT 1 FROM ap4k_messages m WHERE m.id = a.message_id)
 """
 
-QUEUE_DEPTHS = """
+# Messages per queue and state (the states the gauges and queue views count), with the age
+# of the oldest; of every queue, or of one ($1).
+QUEUE_DEPTHS_TEMPLATE = """
 SELECT queue, state::text AS state, count(*) AS n,
        extract(epoch FROM now() - min(scheduled_at))::float8 AS oldest
   FROM ap4k_messages
- WHERE state IN ('available', 'scheduled', 'running', 'retryable', 'discarded')
+ WHERE {queue_filter} state IN ('available', 'scheduled', 'running', 'retryable', 'discarded')
  GROUP BY queue, state
 """
+QUEUE_DEPTHS = QUEUE_DEPTHS_TEMPLATE.format(queue_filter="")
+QUEUE_DEPTHS_OF_ONE = QUEUE_DEPTHS_TEMPLATE.format(queue_filter="queue = $1 AND")
 
 # Deliveries finished per queue over the last $1 seconds: the drain rate the operator scales
 # carriers on, counted once whatever the number of server replicas. The finished rows' index
@@ -290,15 +294,6 @@ SELECT queue, count(*) AS n
   FROM ap4k_messages
  WHERE state = 'completed' AND finalized_at > now() - make_interval(secs => $1)
  GROUP BY queue
-"""
-
-QUEUE_DEPTHS_OF_ONE = """
-SELECT queue, state::text AS state, count(*) AS n,
-       extract(epoch FROM now() - min(scheduled_at))::float8 AS oldest
-  FROM ap4k_messages
- WHERE queue = $1
-   AND state IN ('available', 'scheduled', 'running', 'retryable', 'discarded')
- GROUP BY queue, state
 """
 
 # The last answer is the successful one, or else the last failed attempt's (one probe of the
