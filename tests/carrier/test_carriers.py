@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from ap4k.core.embedded_pg import free_port
 from ap4k_testkit import (
@@ -270,3 +271,55 @@ async def test_sigterm_drains_the_carrier(start_server: StartServer, database_ur
             database_url,
             "SELECT count(*) FROM ap4k_messages WHERE state = 'available' AND attempt = 0",
         ) == len(sent) - len(started)
+
+
+async def test_a_carriers_drain_fits_its_budget_with_targets_slower_than_it(
+    start_server: StartServer, database_url: str
+) -> None:
+    """SIGTERM with every worker stuck on a target slower than the shutdown budget: the
+    carrier exits within the budget; the cut-off deliveries are acked as failed attempts,
+    what it had not started goes back untried; a second carrier then delivers them all."""
+    server, api = await start_server(dispatchers=0)
+    url = f"http://127.0.0.1:{server.settings.port}"
+    budget = 4.0
+    carrier = await CarrierProcess(
+        url, "--drain-seconds", "60", "--shutdown-seconds", str(budget), concurrency=2
+    ).start()
+    released = asyncio.Event()
+
+    async def stuck_until_released(_: Received, __: int) -> int:
+        await released.wait()
+        return 200
+
+    async with sink(stuck_until_released) as target:
+        await api.settings("carried", min_backoff_seconds=0.01, max_backoff_seconds=0.01)
+        sent = {
+            r["id"]
+            for r in await api.send_batch(
+                "carried", [{"target": target.url, "timeout_seconds": 120} for _ in range(8)]
+            )
+        }
+        await target.wait_for(lambda: len(target.received) == 2, timeout=20)
+        started = time.monotonic()
+        assert await asyncio.to_thread(carrier.terminate) == 0
+        took = time.monotonic() - started
+        assert took < budget + 2, f"the drain took {took:.1f}s for a {budget:g}s budget"
+        assert await count_rows(
+            database_url,
+            "SELECT count(*) FROM ap4k_messages WHERE queue = 'carried'"
+            " AND attempt = 1 AND last_error LIKE 'abandoned%'",
+        ) == 2
+        assert await count_rows(
+            database_url,
+            "SELECT count(*) FROM ap4k_messages WHERE queue = 'carried'"
+            " AND state = 'available' AND attempt = 0",
+        ) == 6
+        released.set()
+        before = len(target.received)
+        second = await CarrierProcess(url).start()
+        try:
+            await target.wait_for(
+                lambda: {r.message_id for r in target.received[before:]} >= sent, timeout=60
+            )
+        finally:
+            second.kill()

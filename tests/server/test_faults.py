@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -271,5 +272,121 @@ async def test_postgres_restarted_under_enqueue_load_answers_only_202_or_503(
         assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
     finally:
         stop.set()
+
+
+async def test_a_drain_fits_its_budget_with_targets_slower_than_it(database_url: str) -> None:
+    """SIGTERM with every dispatcher stuck on a target slower than the whole shutdown budget:
+    the server exits within the budget (not after the drain grace it was also given), the
+    cut-off deliveries count as attempts, the rest go back untried, and after a restart
+    every message is delivered."""
+    released = asyncio.Event()
+
+    async def slow_until_released(_: Received, __: int) -> int:
+        await released.wait()
+        return 200
+
+    budget = 5.0
+    server = await ServerProcess(
+        database_url, "--dispatchers", "4", "--drain-seconds", "60",
+        "--shutdown-seconds", str(budget),
+    ).start()
+    api = Api(server.url)
+    try:
+        async with sink(slow_until_released) as target:
+            await api.settings("budget", min_backoff_seconds=0.01, max_backoff_seconds=0.01)
+            sent = {
+                r["id"]
+                for r in await api.send_batch(
+                    "budget", [{"target": target.url, "timeout_seconds": 120} for _ in range(12)]
+                )
+            }
+            await target.wait_for(lambda: len(target.received) == 4, timeout=20)
+            started = time.monotonic()
+            assert await asyncio.to_thread(server.terminate) == 0
+            took = time.monotonic() - started
+            assert took < budget + 2, f"the drain took {took:.1f}s for a {budget:g}s budget"
+            unfinished = await count_rows(
+                database_url,
+                "SELECT count(*) FROM ap4k_messages WHERE queue = 'budget'"
+                " AND state IN ('retryable', 'available')",
+            )
+            cut_off = await count_rows(
+                database_url,
+                "SELECT count(*) FROM ap4k_messages WHERE queue = 'budget'"
+                " AND attempt = 1 AND last_error LIKE 'abandoned%'",
+            )
+            assert (unfinished, cut_off) == (12, 4)
+            released.set()
+            before = len(target.received)
+            await server.start()
+            await target.wait_for(
+                lambda: {r.message_id for r in target.received[before:]} >= sent, timeout=60
+            )
+    finally:
+        await api.close()
+        server.kill()
+
+
+async def test_a_crashed_servers_deliveries_come_back_within_about_a_lease(
+    database_url: str,
+) -> None:
+    """SIGKILL while direct hand-offs (messages inserted already leased) are in flight to a
+    target that never answers: with a 3 s lease (renewed while the process lives) they are
+    delivered again soon after, not after twice their 30 s timeout."""
+    released = asyncio.Event()
+
+    async def hang_first(_: Received, __: int) -> int:
+        await released.wait()
+        return 200
+
+    server = await ServerProcess(
+        database_url, "--dispatchers", "4", "--lease-seconds", "3"
+    ).start()
+    api = Api(server.url)
+    try:
+        async with sink(hang_first) as target:
+            sent = [
+                (await api.send("crash", {"target": target.url, "timeout_seconds": 30}))["id"]
+                for _ in range(3)
+            ]
+            await target.wait_for(lambda: len(target.received) == 3, timeout=20)
+            await asyncio.sleep(4)  # past one lease: only the heartbeat keeps them leased
+            assert await count_rows(
+                database_url,
+                "SELECT count(*) FROM ap4k_messages WHERE queue = 'crash' AND state = 'running'"
+                " AND lease_expires_at > now()",
+            ) == 3
+            server.kill()
+            released.set()
+            before = len(target.received)
+            await server.start()
+            # Lease (3 s) + the rescuer's round: well inside the old 61 s.
+            await target.wait_for(
+                lambda: {r.message_id for r in target.received[before:]} >= set(sent),
+                timeout=25,
+            )
+    finally:
+        await api.close()
+        server.kill()
+
+
+async def test_a_delivery_slower_than_its_lease_is_renewed_not_redelivered(
+    database_url: str,
+) -> None:
+    async def slower_than_the_lease(_: Received, __: int) -> int:
+        await asyncio.sleep(5)
+        return 200
+
+    server = await ServerProcess(
+        database_url, "--dispatchers", "2", "--lease-seconds", "2"
+    ).start()
+    api = Api(server.url)
+    try:
+        async with sink(slower_than_the_lease) as target:
+            sent = await api.send("renewed", {"target": target.url, "timeout_seconds": 30})
+            done = await api.wait_state(sent["id"], "completed", timeout=30)
+            assert done["attempt"] == 1
+            assert [r.attempt for r in target.received] == [1]  # never handed out twice
+    finally:
         await api.close()
         server.kill()

@@ -5,35 +5,46 @@
                                   └──outcome──▶ acker ──POST /v1/acks (batched)──▶ server
     heartbeat ──POST /v1/leases/extend──▶ server   (for deliveries that outlive half a lease)
 
-Delivery itself is `ap4k.core.delivery`, the very code the server's dispatchers run. Any
-server replica can take any call, so the carrier fails over between the URLs it was given.
-A carrier that dies loses nothing: its leases expire and the server hands the messages out
-again. On SIGTERM it drains: stops leasing, gives back what it has not started, finishes
-what is in flight (within a grace period), acknowledges, and gives back the rest.
+The pool (ready buffer, workers, heartbeat, drain) is `ap4k.core.pool`, and delivery itself
+`ap4k.core.delivery`: the very code the server's dispatchers run. The server is called
+through the API client (`ap4k.client.async_client`), which fails over between the URLs the
+carrier was given: any server replica takes any call. A carrier that dies loses nothing:
+its leases expire and the server hands the messages out again. On SIGTERM it drains within
+`shutdown_seconds`: stops leasing, gives back what it has not started, finishes what is in
+flight (within the drain grace), acknowledges, and leaves the rest to expire.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
+
+import msgspec
 
 from ap4k.carrier import metrics
 from ap4k.client.async_client import AsyncClient
 from ap4k.client.errors import Ap4kError
-from ap4k.core.delivery import Deliverer, Delivery, Outcome
+from ap4k.core import wire
+from ap4k.core.delivery import Deliverer, Delivery, Outcome, from_leased
+from ap4k.core.pool import DeliveryPool
 from ap4k.core.retry import RetryPolicy
 from ap4k.core.signatures import secret_key
 
 log = logging.getLogger("ap4k.carrier")
 
+T = TypeVar("T")
+
 ACK_COALESCE_SECONDS = 0.005
+# Of the shutdown budget: kept for the last acks (after the in-flight deliveries' grace), and
+# of that, for closing the connections.
+ACK_RESERVE_SECONDS = 4.0
+CLOSE_RESERVE_SECONDS = 1.0
 
 
 @dataclass
@@ -46,6 +57,9 @@ class CarrierSettings:
     carrier_id: str = ""
     poll_wait_seconds: float = 20.0
     drain_grace_seconds: float = 10.0
+    # SIGTERM to exit, all of it: within Kubernetes' terminationGracePeriodSeconds (30 s by
+    # default), with room to spare.
+    shutdown_seconds: float = 20.0
 
     def __post_init__(self) -> None:
         if not self.carrier_id:
@@ -73,12 +87,18 @@ class ServerCalls:
     async def close(self) -> None:
         await self.api.close()
 
-    async def call(
-        self, path: str, payload: dict[str, Any], *, idempotent: bool, timeout: float = 30.0
-    ) -> Any:
+    async def post(
+        self,
+        path: str,
+        request: msgspec.Struct,
+        answer: type[T],
+        *,
+        idempotent: bool,
+        timeout: float = 30.0,
+    ) -> T:
         try:
-            return await self.api.call(
-                "POST", path, payload, idempotent=idempotent, timeout=timeout
+            return await self.api.post(
+                path, request, answer, idempotent=idempotent, timeout=timeout
             )
         except Ap4kError:
             metrics.SERVER_ERRORS.inc()
@@ -86,33 +106,35 @@ class ServerCalls:
 
 
 class Carrier:
+    """A `DeliveryPool` that leases over the carrier protocol and acknowledges in batches."""
+
     def __init__(self, settings: CarrierSettings) -> None:
         self.settings = settings
         self.client = ServerCalls(settings)
-        self.deliverer = Deliverer(max_connections=settings.concurrency * 2)
-        self._ready: asyncio.Queue[Delivery | None] = asyncio.Queue()
-        self._outstanding = 0
-        self._capacity = asyncio.Event()
-        self._in_flight: dict[int, Delivery] = {}
-        # Every lease held and not yet acknowledged: id -> (delivery, lease renewed at).
-        self._held: dict[int, tuple[Delivery, float]] = {}
-        self._acks: list[dict[str, Any]] = []
+        self.pool = DeliveryPool(
+            size=settings.concurrency,
+            lease_seconds=settings.lease_seconds,
+            lease=self._lease,
+            report=self._record,
+            release=self._release,
+            extend=self._extend,
+            deliverer=Deliverer(max_connections=settings.concurrency * 2),
+            cancel_lease_on_stop=True,  # a long poll: the server gives back what it held
+            name="carrier",
+        )
+        self._acks: list[wire.Ack] = []
         self._acks_pending = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._lease_backoff = 0.1
         self.healthy = True
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
+        metrics.LEASES_IN_FLIGHT.set_function(lambda: self.pool.outstanding)
         loop = asyncio.get_running_loop()
-        lease_task = loop.create_task(self._lease_loop(), name="carrier-lease")
-        workers = [
-            loop.create_task(self._worker(), name=f"carrier-worker-{i}")
-            for i in range(self.settings.concurrency)
-        ]
+        self.pool.start()
         acker = loop.create_task(self._ack_loop(), name="carrier-acker")
-        heartbeat = loop.create_task(self._heartbeat_loop(), name="carrier-heartbeat")
         log.info(
             "carrier %s delivering for %s with concurrency %d",
             self.settings.carrier_id,
@@ -120,170 +142,104 @@ class Carrier:
             self.settings.concurrency,
         )
         await self._stopping.wait()
-        log.info("draining")
-        lease_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await lease_task
-        unstarted = []
-        while not self._ready.empty():
-            item = self._ready.get_nowait()
-            if item is not None:
-                unstarted.append(item)
-        await self._release(unstarted)
-        for _ in workers:
-            self._ready.put_nowait(None)
-        _, late = await asyncio.wait(workers, timeout=self.settings.drain_grace_seconds)
-        abandoned = list(self._in_flight.values())
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
-        # A delivery cut off mid-request may have reached its target: ack it as a retry
-        # (the attempt counts), never give it back as if it had not been tried.
-        for delivery in abandoned:
-            self._acks.append(
-                {
-                    "id": str(delivery.id),
-                    "attempt": delivery.attempt,
-                    "queue": delivery.queue,
-                    "outcome": "retry",
-                    "error": "abandoned at shutdown",
-                    "retry_after": 0,
-                }
-            )
+        started = time.monotonic()
+        budget = self.settings.shutdown_seconds
+        log.info("draining (within %.0fs)", budget)
+        # In-flight deliveries get the drain grace, within the budget less what the last
+        # acks and the goodbyes need.
+        await self.pool.stop(
+            min(started + budget - ACK_RESERVE_SECONDS,
+                started + self.settings.drain_grace_seconds)
+        )
         # Stop the acker first (an ack in flight goes back in the list), then flush all.
-        heartbeat.cancel()
         acker.cancel()
-        await asyncio.gather(acker, heartbeat, return_exceptions=True)
-        await self._flush_acks(final=True)
-        await self.deliverer.close()
+        await asyncio.gather(acker, return_exceptions=True)
+        await self._flush_acks(deadline=started + budget - CLOSE_RESERVE_SECONDS)
         await self.client.close()
         log.info("stopped")
 
     def stop(self) -> None:
         self._stopping.set()
 
-    # -- leasing ----------------------------------------------------------------------------
+    # -- what the pool asks of us -----------------------------------------------------------
 
-    async def _lease_loop(self) -> None:
-        backoff = 0.1
-        size = self.settings.concurrency
-        while True:
-            if self._outstanding > size:  # two batches' worth in hand
-                self._capacity.clear()
-                await self._capacity.wait()
-                continue
-            request: dict[str, Any] = {
-                "carrier": self.settings.carrier_id,
-                "max_messages": min(2 * size - self._outstanding, 1000),
-                "lease_seconds": self.settings.lease_seconds,
-                # With work in hand, don't park on the server: come back for more at once.
-                "wait_seconds": self.settings.poll_wait_seconds if self._outstanding == 0 else 0,
-            }
-            if self.settings.queues:
-                request["queues"] = self.settings.queues
-            try:
-                # Not idempotent: a lease answered but lost would be leased twice.
-                answer = await self.client.call(
-                    "/v1/leases",
-                    request,
-                    idempotent=False,
-                    timeout=self.settings.poll_wait_seconds + 10,
-                )
-            except Ap4kError as exc:
-                self.healthy = False
-                log.warning("leasing failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            self.healthy = True
-            backoff = 0.1
-            secrets: dict[str, str] = answer.get("signing_secrets", {})
-            keys = {
-                queue: tuple(secret_key(s) for s in given)
-                for queue, given in answer.get("webhook_secrets", {}).items()
-            }
-            messages = answer["messages"]
-            metrics.LEASED.inc(len(messages))
-            for m in messages:
-                body = m["body_json"]
-                self._outstanding += 1
-                self._hold(
-                    Delivery(
-                        id=int(m["id"]),
-                        queue=m["queue"],
-                        attempt=m["attempt"],
-                        max_attempts=m["max_attempts"],
-                        target=m["target"],
-                        method=m["method"],
-                        headers=m["headers"] or None,
-                        body=None if body is None else body.encode(),
-                        timeout_seconds=m["timeout_seconds"],
-                        created_at=m["created_at"],
-                        ordering_key=m["ordering_key"],
-                        signing_secret=secrets.get(m["queue"]),
-                        webhook_keys=keys.get(m["queue"], ()),
-                        explicitly_allowed=m["explicitly_allowed"],
-                    )
-                )
-            metrics.LEASES_IN_FLIGHT.set(self._outstanding)
-            if not messages and self._outstanding:
-                await asyncio.sleep(0.02)  # nothing new while busy: don't spin
-
-    def _hold(self, delivery: Delivery) -> None:
-        self._held[delivery.id] = (delivery, time.monotonic())
-        self._ready.put_nowait(delivery)
+    async def _lease(self, room: int) -> list[Delivery]:
+        """One lease call: a long poll while idle; with work in hand, an immediate answer."""
+        outstanding = self.pool.outstanding
+        request = wire.LeaseRequest(
+            carrier=self.settings.carrier_id,
+            max_messages=min(room, wire.MAX_BATCH),
+            queues=self.settings.queues or None,
+            # With work in hand, don't park on the server: come back for more at once.
+            wait_seconds=self.settings.poll_wait_seconds if outstanding == 0 else 0,
+            lease_seconds=self.settings.lease_seconds,
+        )
+        try:
+            # Not idempotent: a lease answered but lost would be leased twice.
+            answer = await self.client.post(
+                "/v1/leases",
+                request,
+                wire.Leased,
+                idempotent=False,
+                timeout=self.settings.poll_wait_seconds + 10,
+            )
+        except Ap4kError as exc:
+            self.healthy = False
+            log.warning("leasing failed (%s); retrying in %.1fs", exc, self._lease_backoff)
+            await asyncio.sleep(self._lease_backoff)
+            self._lease_backoff = min(self._lease_backoff * 2, 5.0)
+            return []
+        self.healthy = True
+        self._lease_backoff = 0.1
+        metrics.LEASED.inc(len(answer.messages))
+        legacy = answer.signing_secrets
+        keys = {
+            queue: tuple(secret_key(s) for s in given)
+            for queue, given in answer.webhook_secrets.items()
+        }
+        deliveries = [
+            from_leased(m, legacy.get(m.queue), keys.get(m.queue, ()))
+            for m in answer.messages
+        ]
+        if not deliveries and outstanding:
+            await asyncio.sleep(0.02)  # nothing new while busy: don't spin
+        return deliveries
 
     async def _release(self, deliveries: list[Delivery]) -> None:
-        if not deliveries:
-            return
-        payload = {
-            "carrier": self.settings.carrier_id,
-            "leases": [{"id": str(d.id), "attempt": d.attempt} for d in deliveries],
-        }
-        try:
-            await self.client.call("/v1/leases/release", payload, idempotent=True)
-        except Ap4kError as exc:
-            log.warning(
-                "could not give back %d leases (they will expire): %s", len(deliveries), exc
-            )
+        request = wire.ReleaseRequest(
+            carrier=self.settings.carrier_id, leases=[_lease_ref(d) for d in deliveries]
+        )
+        await self.client.post("/v1/leases/release", request, wire.Released, idempotent=True)
 
-    # -- delivering -------------------------------------------------------------------------
-
-    async def _worker(self) -> None:
-        while True:
-            delivery = await self._ready.get()
-            if delivery is None:
-                return
-            self._in_flight[delivery.id] = delivery
-            try:
-                outcome = await self.deliverer.deliver(delivery)
-            finally:
-                self._in_flight.pop(delivery.id, None)
-            self._outstanding -= 1
-            metrics.LEASES_IN_FLIGHT.set(self._outstanding)
-            if self._outstanding <= self.settings.concurrency:
-                self._capacity.set()
-            self._record(delivery, outcome)
+    async def _extend(self, deliveries: list[Delivery], seconds: float) -> list[int]:
+        request = wire.ExtendRequest(
+            carrier=self.settings.carrier_id,
+            leases=[_lease_ref(d) for d in deliveries],
+            lease_seconds=seconds,
+        )
+        answer = await self.client.post(
+            "/v1/leases/extend", request, wire.Extended, idempotent=True
+        )
+        metrics.LEASES_EXTENDED.inc(len(answer.extended))
+        return [int(item.id) for item in answer.extended]
 
     def _record(self, delivery: Delivery, outcome: Outcome) -> None:
-        self._held.pop(delivery.id, None)
-        metrics.DELIVERIES.labels(outcome.verdict.value).inc()
-        metrics.DELIVERY_DURATION.observe(outcome.duration)
+        if not outcome.cut_off:
+            metrics.DELIVERIES.labels(outcome.verdict.value).inc()
+            metrics.DELIVERY_DURATION.observe(outcome.duration)
         self._acks.append(
-            {
-                "id": str(delivery.id),
-                "attempt": delivery.attempt,
-                "queue": delivery.queue,
-                "outcome": outcome.verdict.value,
-                "error": None
-                if outcome.error is None
-                else outcome.error.replace("\x00", "")[:2000],
-                "retry_after": outcome.retry_after,
-                "duration_seconds": outcome.duration,
+            wire.Ack(
+                id=str(delivery.id),
+                attempt=delivery.attempt,
+                queue=delivery.queue,
+                outcome=outcome.verdict.value,
+                error=None if outcome.error is None else outcome.error.replace("\x00", "")[:2000],
+                retry_after=outcome.retry_after,
+                duration_seconds=None if outcome.cut_off else outcome.duration,
                 # For the attempt history (the server keeps them only for failures).
-                "status": outcome.status,
-                "response_excerpt": outcome.response_excerpt,
-            }
+                status=outcome.status,
+                response_excerpt=outcome.response_excerpt,
+            )
         )
         self._acks_pending.set()
 
@@ -298,17 +254,21 @@ class Carrier:
             self._acks_pending.clear()
             await self._flush_acks()
 
-    async def _flush_acks(self, final: bool = False) -> None:
+    async def _flush_acks(self, deadline: float | None = None) -> None:
         """Send what finished since the last call; on failure keep it and try again later
-        (until its leases expire, after which the server would refuse it anyway)."""
+        (until its leases expire, after which the server would refuse it anyway). With a
+        `deadline` (the drain's), give up then: the leases will expire and the messages
+        come back."""
         attempts = 0
         while self._acks:
             batch, self._acks = self._acks[:1000], self._acks[1000:]
             try:
-                answer = await self.client.call(
+                answer = await self.client.post(
                     "/v1/acks",
-                    {"carrier": self.settings.carrier_id, "acks": batch},
+                    wire.AckRequest(carrier=self.settings.carrier_id, acks=batch),
+                    wire.AckResult,
                     idempotent=True,  # an ack sent twice is refused the second time
+                    timeout=30.0 if deadline is None else max(deadline - time.monotonic(), 0.1),
                 )
             except asyncio.CancelledError:
                 self._acks = batch + self._acks  # the final flush sends them
@@ -316,38 +276,17 @@ class Carrier:
             except Ap4kError as exc:
                 self._acks = batch + self._acks
                 attempts += 1
-                if final and attempts >= 3:
+                pause = min(0.2 * 2**attempts, 5.0)
+                if deadline is not None and time.monotonic() + pause >= deadline:
                     log.warning("dropping %d acks: no server (%s)", len(self._acks), exc)
                     return
-                await asyncio.sleep(min(0.2 * 2**attempts, 5.0))
+                await asyncio.sleep(pause)
                 continue
-            refused = answer["refused"]
+            refused = answer.refused
             if refused:
                 metrics.ACKS_REFUSED.inc(len(refused))
                 log.info("%d acks refused (their leases had expired)", len(refused))
 
-    async def _heartbeat_loop(self) -> None:
-        """Renew leases held for half their duration: slow deliveries, and messages still
-        waiting for a worker, keep theirs; a carrier that dies stops renewing."""
-        lease = self.settings.lease_seconds
-        while True:
-            await asyncio.sleep(max(lease / 4, 0.25))
-            now = time.monotonic()
-            due = [d for d, renewed in self._held.values() if now - renewed > lease / 2]
-            if not due:
-                continue
-            payload = {
-                "carrier": self.settings.carrier_id,
-                "lease_seconds": lease,
-                "leases": [{"id": str(d.id), "attempt": d.attempt} for d in due],
-            }
-            try:
-                answer = await self.client.call("/v1/leases/extend", payload, idempotent=True)
-            except Ap4kError as exc:
-                log.warning("could not renew %d leases: %s", len(due), exc)
-                continue
-            metrics.LEASES_EXTENDED.inc(len(answer["extended"]))
-            for item in answer["extended"]:
-                held = self._held.get(int(item["id"]))
-                if held is not None:
-                    self._held[held[0].id] = (held[0], now)
+
+def _lease_ref(delivery: Delivery) -> wire.LeaseRef:
+    return wire.LeaseRef(id=str(delivery.id), attempt=delivery.attempt)

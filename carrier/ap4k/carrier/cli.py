@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ap4k.core.config import add_flag, add_logging_flags
+from ap4k.core.config import add_drain_flags, add_flag, add_logging_flags
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,14 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cast=int,
         help="port of /metrics and /healthz (0: off)",
     )
-    add_flag(
-        carrier,
-        "--drain-seconds",
-        env_name="DRAIN_SECONDS",
-        default=10.0,
-        cast=float,
-        help="on SIGTERM, how long in-flight deliveries may take to finish",
-    )
+    add_drain_flags(carrier)
     add_flag(
         carrier,
         "--id",
@@ -97,7 +90,7 @@ def run_carrier(args: argparse.Namespace) -> int:
         carrier_worker,
         args,
         name="ap4k-carrier",
-        grace_seconds=args.drain_seconds,
+        grace_seconds=args.shutdown_seconds,  # the whole drain fits in it
     )
 
 
@@ -118,5 +111,6 @@ def carrier_worker(args: argparse.Namespace, index: int) -> None:
         api_token=args.api_token,
         carrier_id=carrier_id,
         drain_grace_seconds=args.drain_seconds,
+        shutdown_seconds=args.shutdown_seconds,
     )
     logs.run_async(run(settings, args.metrics_port, reuse_port=args.workers > 1))

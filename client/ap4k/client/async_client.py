@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
 from urllib.parse import quote
 
 import aiohttp
@@ -50,6 +50,7 @@ from ap4k.client.models import (
 from ap4k.core.retry import RetryPolicy, is_retryable_status, parse_retry_after
 
 logger = logging.getLogger("ap4k.client")
+T = TypeVar("T")
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:7438"
 # Each server URL once, no waiting: for questions whose answer is "not now" (readiness).
@@ -386,11 +387,52 @@ class AsyncClient:
         or answered 408/425/429/503); any other failure raises `OutcomeUnknown` at once.
         `retry` and `timeout` override the client's for this call.
         """
+        data = None if payload is None else orjson.dumps(payload)
+        raw = await self._exchange(
+            method, path, data, params=params, idempotent=idempotent, retry=retry,
+            timeout=timeout,
+        )
+        if not expect_json:
+            return None
+        return orjson.loads(raw) if raw else {}
+
+    async def post(
+        self,
+        path: str,
+        request: msgspec.Struct,
+        answer: type[T],
+        *,
+        idempotent: bool,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """POST a wire object (`ap4k.core.wire`) and decode the answer as another, as `call`
+        does with plain JSON. An answer that does not fit `answer` raises `Ap4kError`."""
+        raw = await self._exchange(
+            "POST", path, msgspec.json.encode(request), idempotent=idempotent, retry=retry,
+            timeout=timeout,
+        )
+        try:
+            return msgspec.json.decode(raw, type=answer)
+        except msgspec.DecodeError as exc:  # not JSON, or not that object
+            raise Ap4kError(f"POST {path}: the answer is not a {answer.__name__}: {exc}") from exc
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        *,
+        params: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """The failover and retry loop of every call: the answer's bytes, or an error."""
         policy = retry or self.retry
         if idempotent is None:
             idempotent = method.upper() in IDEMPOTENT_METHODS
         session = self._get_session()
-        data = None if payload is None else orjson.dumps(payload)
         headers = {"Content-Type": "application/json"} if data is not None else None
         request_timeout = None if timeout is None else self._timeout_for(timeout)
         loop = asyncio.get_running_loop()
@@ -418,9 +460,7 @@ class AsyncClient:
                     raw = await response.read()
                     if status < 300:
                         self._current = index  # stick to the URL that answered
-                        if not expect_json:
-                            return None
-                        return orjson.loads(raw) if raw else {}
+                        return raw
                     body = _decode_error_body(raw)
                     if not is_retryable_status(status):
                         self._current = index  # alive: it answered, and said no

@@ -44,6 +44,28 @@ def add_flag(
         )
 
 
+def add_drain_flags(parser: argparse.ArgumentParser) -> None:
+    """How a server or carrier drains on SIGTERM (both run `ap4k.core.pool`)."""
+    add_flag(
+        parser,
+        "--drain-seconds",
+        env_name="DRAIN_SECONDS",
+        default=10.0,
+        cast=float,
+        help="on SIGTERM, how long in-flight deliveries may take to finish (within "
+        "--shutdown-seconds)",
+    )
+    add_flag(
+        parser,
+        "--shutdown-seconds",
+        env_name="SHUTDOWN_SECONDS",
+        default=20.0,
+        cast=float,
+        help="on SIGTERM, the whole drain's budget, to exit within: keep it under the pod's "
+        "terminationGracePeriodSeconds (30 s by default)",
+    )
+
+
 def add_logging_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--log-level", env_name="LOG_LEVEL", default="info", help="log level")
     add_flag(parser, "--log-format", env_name="LOG_FORMAT", default="text", help="text or json")

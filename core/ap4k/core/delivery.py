@@ -15,6 +15,7 @@ from enum import StrEnum
 import aiohttp
 from yarl import URL
 
+from ap4k.core import wire
 from ap4k.core.retry import parse_retry_after
 from ap4k.core.signatures import legacy_signature, webhook_signature
 from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_host
@@ -55,6 +56,47 @@ class Delivery:
     explicitly_allowed: bool = False
 
 
+def to_leased(d: Delivery) -> wire.LeasedMessage:
+    """A leased message as the carrier protocol carries it (server side); the queues'
+    secrets travel once per lease answer, beside the messages."""
+    return wire.LeasedMessage(
+        id=str(d.id),
+        queue=d.queue,
+        attempt=d.attempt,
+        max_attempts=d.max_attempts,
+        target=d.target,
+        method=d.method,
+        headers=d.headers or {},
+        body_json=None if d.body is None else d.body.decode(),
+        timeout_seconds=d.timeout_seconds,
+        created_at=d.created_at,
+        ordering_key=d.ordering_key,
+        explicitly_allowed=d.explicitly_allowed,
+    )
+
+
+def from_leased(
+    m: wire.LeasedMessage, signing_secret: str | None, webhook_keys: tuple[bytes, ...]
+) -> Delivery:
+    """The inverse of `to_leased` (carrier side), with its queue's secrets."""
+    return Delivery(
+        id=int(m.id),
+        queue=m.queue,
+        attempt=m.attempt,
+        max_attempts=m.max_attempts,
+        target=m.target,
+        method=m.method,
+        headers=m.headers or None,
+        body=None if m.body_json is None else m.body_json.encode(),
+        timeout_seconds=m.timeout_seconds,
+        created_at=m.created_at,
+        ordering_key=m.ordering_key,
+        signing_secret=signing_secret,
+        webhook_keys=webhook_keys,
+        explicitly_allowed=m.explicitly_allowed,
+    )
+
+
 @dataclass(slots=True)
 class Outcome:
     verdict: Verdict
@@ -63,6 +105,9 @@ class Outcome:
     retry_after: float | None
     duration: float
     response_excerpt: str | None = None  # the start of a failed answer's body
+    # Cut off by a drain before it finished: an attempt (it may have reached the target)
+    # whose duration is unknown.
+    cut_off: bool = False
 
 
 def excerpt(body: bytes) -> str | None:
@@ -70,8 +115,6 @@ def excerpt(body: bytes) -> str | None:
     if not body:
         return None
     return body[:EXCERPT_BYTES].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-
-
 
 
 def classify_status(status: int) -> Verdict:

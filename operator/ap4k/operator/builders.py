@@ -18,14 +18,25 @@ from ap4k.operator.spec import AsyncQueueSpec
 
 # Non-root like the image's USER (a numeric id, so that runAsNonRoot can verify it).
 RUN_AS_USER = 10001
-# A stopping server or carrier finishes (or hands back) what it holds within DRAIN_SECONDS
-# (passed as AP4K_DRAIN_SECONDS); Kubernetes waits TERMINATION_GRACE_SECONDS before SIGKILL.
-# The difference is room for the process to exit after its drain, and for the endpoints to
-# forget a server pod before it stops answering.
-DRAIN_SECONDS = 30
-TERMINATION_GRACE_SECONDS = 45
 
 Body = dict[str, Any]
+
+# Kubernetes sends SIGTERM, waits TERMINATION_GRACE_SECONDS, then SIGKILLs. A server or
+# carrier exits within AP4K_SHUTDOWN_SECONDS of SIGTERM, its whole drain included; the 10 s
+# left are room for a loaded node and for the endpoints to forget a server pod. Within the
+# budget, deliveries in flight may take AP4K_DRAIN_SECONDS to finish; the rest of it records
+# their outcomes (or sends a carrier's last acks), ends open requests and closes the database
+# connections: a server keeps 8 s of a 35 s budget for that, a carrier 4 s.
+TERMINATION_GRACE_SECONDS = 45
+SHUTDOWN_SECONDS = TERMINATION_GRACE_SECONDS - 10
+DRAIN_SECONDS = SHUTDOWN_SECONDS - 10
+
+
+def _drain_env() -> list[Body]:
+    return [
+        {"name": "AP4K_SHUTDOWN_SECONDS", "value": str(SHUTDOWN_SECONDS)},
+        {"name": "AP4K_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
+    ]
 
 
 def server_deployment_name(name: str) -> str:
@@ -160,7 +171,7 @@ def build_server_deployment(spec: AsyncQueueSpec, config: OperatorConfig) -> Bod
                 },
             },
             {"name": "AP4K_LOG_FORMAT", "value": config.pod_log_format},
-            {"name": "AP4K_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
+            *_drain_env(),
         ],
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "livenessProbe": _http_probe("/healthz", "http", period=10, failures=3),
@@ -210,7 +221,7 @@ def build_carrier_deployment(spec: AsyncQueueSpec, config: OperatorConfig, repli
         ],
         "env": [
             {"name": "AP4K_LOG_FORMAT", "value": config.pod_log_format},
-            {"name": "AP4K_DRAIN_SECONDS", "value": str(DRAIN_SECONDS)},
+            *_drain_env(),
         ],
         "ports": [{"name": "metrics", "containerPort": CARRIER_METRICS_PORT, "protocol": "TCP"}],
         "livenessProbe": _http_probe("/healthz", "metrics", period=10, failures=3),

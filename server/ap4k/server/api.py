@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ap4k.core import signatures, wire
-from ap4k.core.delivery import Delivery, Verdict
+from ap4k.core.delivery import Delivery, Verdict, to_leased
 from ap4k.core.logs import Throttled
 from ap4k.core.targets import TargetError
 from ap4k.server.dispatcher import DispatcherPool
@@ -614,7 +614,7 @@ async def lease(request: web.Request) -> web.Response:
                 continue
             leased = await services.leaser.lease(settings, room, leased_by, body.lease_seconds)
             for item in leased:
-                messages.append(_leased(item))
+                messages.append(to_leased(item))
                 ids.append(item.id)
             if leased and settings.signing_secret:
                 secrets[queue] = settings.signing_secret
@@ -631,23 +631,6 @@ async def lease(request: web.Request) -> web.Response:
         await services.store.release(leased_by, ids, [m.attempt for m in messages])
         raise ApiError(499, "client_closed", "the carrier closed the connection")
     return json_response(wire.Leased(messages, secrets, webhook_secrets))
-
-
-def _leased(d: Delivery) -> wire.LeasedMessage:
-    return wire.LeasedMessage(
-        id=str(d.id),
-        queue=d.queue,
-        attempt=d.attempt,
-        max_attempts=d.max_attempts,
-        target=d.target,
-        method=d.method,
-        headers=d.headers or {},
-        body_json=None if d.body is None else d.body.decode(),
-        timeout_seconds=d.timeout_seconds,
-        created_at=d.created_at,
-        ordering_key=d.ordering_key,
-        explicitly_allowed=d.explicitly_allowed,
-    )
 
 
 async def ack(request: web.Request) -> web.Response:

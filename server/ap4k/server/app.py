@@ -8,6 +8,7 @@ import errno
 import logging
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from ap4k.server.wakeups import Wakeups
 
 log = logging.getLogger("ap4k.server")
 
+# Of the shutdown budget, what closing the database connections and the rest may take.
+CLOSE_RESERVE_SECONDS = 1.0
+
 
 @dataclass
 class ServerSettings:
@@ -54,6 +58,9 @@ class ServerSettings:
     max_body_bytes: int = 1024 * 1024
     retention_seconds: float = 86400.0
     drain_grace_seconds: float = 10.0
+    # SIGTERM to exit, all of it: within Kubernetes' terminationGracePeriodSeconds (30 s by
+    # default), with room to spare.
+    shutdown_seconds: float = 20.0
     lease_seconds: float = 30.0
     migrate: bool = True
     prune_interval_seconds: float = 60.0
@@ -187,7 +194,7 @@ class Server:
             app,
             access_log=logging.getLogger("aiohttp.access") if s.access_log else None,
             handle_signals=False,
-            shutdown_timeout=5.0,
+            shutdown_timeout=self._http_grace(),
         )
         await self._runner.setup()
         assert self._runner.server is not None
@@ -262,9 +269,17 @@ class Server:
         self.directory.invalidate(queue or None)
         self.wakeups.hint([queue] if queue else [])
 
+    def _http_grace(self) -> float:
+        """How long open requests (carriers' long polls) may take at shutdown."""
+        return min(5.0, self.settings.shutdown_seconds / 4)
+
     async def stop(self) -> None:
+        """Drain and shut down within `shutdown_seconds`: the dispatchers first (their
+        in-flight deliveries get the drain grace, within the budget less what the HTTP
+        server and the database need after them), then open requests, then the rest."""
+        deadline = time.monotonic() + self.settings.shutdown_seconds
         self.services.ready = False
-        await self.dispatchers.stop()
+        await self.dispatchers.stop(deadline - self._http_grace() - CLOSE_RESERVE_SECONDS)
         if self._listener is not None:
             self._listener.close()
         if self._runner is not None:
@@ -278,7 +293,10 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.store is not None:
-            await self.store.close()
+            try:
+                await asyncio.wait_for(self.store.close(), max(deadline - time.monotonic(), 0.5))
+            except TimeoutError:
+                log.warning("database connections not closed within the shutdown budget")
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 

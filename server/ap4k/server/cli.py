@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ap4k.core.config import add_flag, add_logging_flags
+from ap4k.core.config import add_drain_flags, add_flag, add_logging_flags
 
 if TYPE_CHECKING:
     from ap4k.server.app import ServerSettings
@@ -71,21 +71,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cast=float,
         help="keep completed and cancelled messages this long",
     )
-    add_flag(
-        serve,
-        "--drain-seconds",
-        env_name="DRAIN_SECONDS",
-        default=10.0,
-        cast=float,
-        help="on SIGTERM, how long in-flight deliveries may take to finish",
-    )
+    add_drain_flags(serve)
     add_flag(
         serve,
         "--lease-seconds",
         env_name="LEASE_SECONDS",
         default=30.0,
         cast=float,
-        help="how long a dispatcher's lease lasts (at least the message timeout + 1 s)",
+        help="how long a dispatcher's lease lasts; renewed while a delivery runs, so a "
+        "crashed server's messages are delivered again after about this long",
     )
     add_flag(
         serve,
@@ -178,6 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         retention_seconds=args.retention_seconds,
         drain_grace_seconds=args.drain_seconds,
+        shutdown_seconds=args.shutdown_seconds,
         lease_seconds=args.lease_seconds,
         migrate=args.migrate,
         pool_size=args.pool_size,
@@ -214,7 +209,7 @@ def _serve_workers(args: argparse.Namespace, settings: ServerSettings) -> int:
             args.log_level,
             args.log_format,
             name="ap4k-serve",
-            grace_seconds=settings.drain_grace_seconds,
+            grace_seconds=settings.shutdown_seconds,  # the whole drain fits in it
         )
     finally:
         if embedded is not None:

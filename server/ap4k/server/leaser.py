@@ -63,7 +63,6 @@ class Leaser:
                 leased_by,
                 lease_seconds,
                 self._floors.get(queue, 0),
-                cover_timeout=not is_carrier,
             )
             if len(rows) == want:
                 self._floors[queue] = min(r.lease_order for r in rows)

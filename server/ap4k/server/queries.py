@@ -33,7 +33,7 @@ WITH input AS (
            CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
            CASE WHEN leased_by IS NOT NULL THEN now() END,
            CASE WHEN leased_by IS NOT NULL
-                THEN now() + make_interval(secs => greatest($17, 2 * timeout_seconds + 1)) END,
+                THEN now() + make_interval(secs => $17) END,
            callback, failure_callback, flow_key
       FROM input
      ORDER BY ord

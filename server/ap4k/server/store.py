@@ -302,11 +302,15 @@ class Store:
         leased_by: str,
         lease_seconds: float,
         floor: int,
-        cover_timeout: bool,
     ) -> list[LeasedRow]:
         async with self.dispatch_pool.acquire() as conn:
             records = await conn.fetch(
-                queries.LEASE, queue, limit, leased_by, lease_seconds, floor, cover_timeout
+                queries.LEASE, queue, limit, leased_by, lease_seconds, floor,
+                # p_cover_timeout off: dispatchers and carriers alike renew the leases they
+                # hold (ap4k.core.pool's heartbeat), so a lease lasts lease_seconds and a
+                # crashed process's messages come back within about that, not after twice
+                # their timeout. Older servers passed true for dispatchers.
+                False,
             )
         return _rows(LeasedRow, records)
 

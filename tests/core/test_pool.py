@@ -1,0 +1,149 @@
+"""The one delivery pool (`ap4k.core.pool`) under both the server's dispatchers and carriers:
+its drain, heartbeat and hand-over, against a real HTTP target on 127.0.0.1. The owner's
+side (leasing from a list, recording what the pool reports) is the test's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+
+import pytest
+from aiohttp import web
+
+from ap4k.core.delivery import Delivery, Outcome, Verdict
+from ap4k.core.embedded_pg import free_port
+from ap4k.core.pool import CUT_OFF_ERROR, DeliveryPool
+
+
+class Owner:
+    """What a dispatcher or carrier supplies: a backlog to lease from, and ledgers."""
+
+    def __init__(self, target: str, count: int, *, path: str = "/") -> None:
+        self.backlog = [
+            Delivery(id=i, queue="q", attempt=1, max_attempts=3, target=target + path,
+                     method="POST", headers=None, body=b"{}", timeout_seconds=30,
+                     created_at=time.time())
+            for i in range(count)
+        ]
+        self.reported: dict[int, Outcome] = {}
+        self.released: list[int] = []
+        self.extended: list[int] = []
+        self.more = asyncio.Event()
+
+    async def lease(self, room: int) -> list[Delivery]:
+        if not self.backlog:
+            await self.more.wait()
+            self.more.clear()
+            return []
+        taken, self.backlog = self.backlog[:room], self.backlog[room:]
+        return taken
+
+    def report(self, delivery: Delivery, outcome: Outcome) -> None:
+        assert delivery.id not in self.reported  # once per delivery
+        self.reported[delivery.id] = outcome
+
+    async def release(self, deliveries: list[Delivery]) -> None:
+        self.released += [d.id for d in deliveries]
+
+    async def extend(self, deliveries: list[Delivery], seconds: float) -> Iterable[int]:
+        self.extended += [d.id for d in deliveries]
+        return [d.id for d in deliveries]
+
+    def pool(self, size: int, lease_seconds: float = 30.0) -> DeliveryPool:
+        return DeliveryPool(size=size, lease_seconds=lease_seconds, lease=self.lease,
+                            report=self.report, release=self.release, extend=self.extend)
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[str]:
+    async def fast(_request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def slow(_request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.Response(status=200)
+
+    async def stuck(_request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/", fast)
+    app.router.add_post("/slow", slow)
+    app.router.add_post("/stuck", stuck)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def wait_until(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
+async def test_every_leased_message_is_delivered_and_reported_once(target: str) -> None:
+    owner = Owner(target, 500)
+    pool = owner.pool(size=8)
+    pool.start()
+    await wait_until(lambda: len(owner.reported) == 500)
+    await pool.stop(time.monotonic() + 5)
+    assert {o.verdict for o in owner.reported.values()} == {Verdict.DELIVERED}
+    assert owner.released == []
+
+
+async def test_the_drain_finishes_in_flight_and_gives_back_the_unstarted(target: str) -> None:
+    owner = Owner(target, 10, path="/slow")
+    pool = owner.pool(size=2)
+    pool.start()
+    await wait_until(lambda: pool.in_flight == 2)
+    await pool.stop(time.monotonic() + 5)  # more than the 1 s the in-flight ones need
+    assert sorted(owner.reported) == [0, 1]
+    assert all(o.verdict is Verdict.DELIVERED for o in owner.reported.values())
+    # Leased ahead (two batches' worth) but never started: given back, untried.
+    assert sorted(owner.released) == [2, 3]
+    assert len(owner.backlog) == 6  # never leased
+
+
+async def test_the_drain_deadline_cuts_off_and_reports_an_attempt(target: str) -> None:
+    owner = Owner(target, 2, path="/stuck")
+    pool = owner.pool(size=2)
+    pool.start()
+    await wait_until(lambda: pool.in_flight == 2)
+    started = time.monotonic()
+    await pool.stop(started + 0.3)
+    assert time.monotonic() - started < 2
+    assert sorted(owner.reported) == [0, 1]
+    for outcome in owner.reported.values():
+        assert (outcome.verdict, outcome.error, outcome.cut_off) == (
+            Verdict.RETRY, CUT_OFF_ERROR, True
+        )
+    assert owner.released == []
+
+
+async def test_a_message_handed_over_during_the_drain_is_given_back(target: str) -> None:
+    owner = Owner(target, 0)
+    pool = owner.pool(size=2)
+    pool.start()
+    stopping = asyncio.create_task(pool.stop(time.monotonic() + 1))
+    await asyncio.sleep(0)
+    late = Owner(target, 1).backlog[0]
+    pool.hold(late)
+    owner.more.set()
+    await stopping
+    assert owner.released == [late.id]
+    assert owner.reported == {}
+
+
+async def test_the_heartbeat_renews_leases_held_past_half_their_length(target: str) -> None:
+    owner = Owner(target, 1, path="/slow")
+    pool = owner.pool(size=1, lease_seconds=1.0)
+    pool.start()
+    await wait_until(lambda: len(owner.reported) == 1)
+    await pool.stop(time.monotonic() + 1)
+    assert set(owner.extended) == {0}  # held 1 s on a 1 s lease: renewed past its half
