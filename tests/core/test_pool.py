@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from ap4k.core.delivery import Delivery, Outcome, Verdict
-from ap4k.core.embedded_pg import free_port
-from ap4k.core.pool import CUT_OFF_ERROR, DeliveryPool
+from ap4k.core.pool import CUT_OFF_ERROR, RATE_WINDOW_SECONDS, DeliveryPool
+from ap4k_testkit import serving
 
 
 class Owner:
@@ -30,8 +31,10 @@ class Owner:
         self.released: list[int] = []
         self.extended: list[int] = []
         self.more = asyncio.Event()
+        self.rooms: list[int] = []  # what each lease call was asked for
 
     async def lease(self, room: int) -> list[Delivery]:
+        self.rooms.append(room)
         if not self.backlog:
             await self.more.wait()
             self.more.clear()
@@ -50,13 +53,16 @@ class Owner:
         self.extended += [d.id for d in deliveries]
         return [d.id for d in deliveries]
 
-    def pool(self, size: int, lease_seconds: float = 30.0) -> DeliveryPool:
+    def pool(self, size: int, lease_seconds: float = 30.0, **options: Any) -> DeliveryPool:
         return DeliveryPool(size=size, lease_seconds=lease_seconds, lease=self.lease,
-                            report=self.report, release=self.release, extend=self.extend)
+                            report=self.report, release=self.release, extend=self.extend,
+                            **options)
 
 
 @pytest.fixture
 async def target() -> AsyncIterator[str]:
+    released = asyncio.Event()  # ends the stuck requests at teardown
+
     async def fast(_request: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -65,19 +71,16 @@ async def target() -> AsyncIterator[str]:
         return web.Response(status=200)
 
     async def stuck(_request: web.Request) -> web.Response:
-        await asyncio.sleep(3600)
+        await released.wait()
         return web.Response(status=200)
 
     app = web.Application()
     app.router.add_post("/", fast)
     app.router.add_post("/slow", slow)
     app.router.add_post("/stuck", stuck)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(app) as url:
+        yield url
+        released.set()
 
 
 async def wait_until(predicate: object, timeout: float = 10.0) -> None:
@@ -147,3 +150,37 @@ async def test_the_heartbeat_renews_leases_held_past_half_their_length(target: s
     await wait_until(lambda: len(owner.reported) == 1)
     await pool.stop(time.monotonic() + 1)
     assert set(owner.extended) == {0}  # held 1 s on a 1 s lease: renewed past its half
+
+
+async def test_a_reported_lease_is_renewed_until_the_owner_settles_it(target: str) -> None:
+    """A carrier's acks reach the server later, in batches: until they have, the heartbeat
+    keeps renewing the leases they need (an ack for an expired lease would be refused)."""
+    owner = Owner(target, 1)
+    pool = owner.pool(size=1, lease_seconds=1.0, hold_until_settled=True)
+    pool.start()
+    await wait_until(lambda: len(owner.reported) == 1)
+    await wait_until(lambda: owner.extended == [0])  # reported, not settled: still renewed
+    pool.settled([0])
+    await asyncio.sleep(1.0)  # two heartbeats
+    await pool.stop(time.monotonic() + 1)
+    assert owner.extended == [0]
+
+
+async def test_fast_deliveries_are_leased_in_large_batches_slow_ones_not(target: str) -> None:
+    """With `max_ahead`, the pool leases ahead about AHEAD_SECONDS of deliveries at the
+    recent rate: fast ones come in batches larger than the pool (few lease calls), slow ones
+    one batch's worth at a time (no hoarding)."""
+    fast = Owner(target, 20_000)
+    pool = fast.pool(size=4, max_ahead=64)
+    pool.start()
+    await asyncio.sleep(2 * RATE_WINDOW_SECONDS + 0.5)
+    await pool.stop(time.monotonic() + 5)
+    assert max(fast.rooms) > 2 * 4  # more than the fixed two batches' worth
+    assert max(fast.rooms) <= 4 + 64
+
+    slow = Owner(target, 100, path="/slow")  # 1 s each: 4 per second
+    pool = slow.pool(size=4, max_ahead=64)
+    pool.start()
+    await asyncio.sleep(2 * RATE_WINDOW_SECONDS + 0.5)
+    await pool.stop(time.monotonic() + 2)
+    assert max(slow.rooms) <= 2 * 4

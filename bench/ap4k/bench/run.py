@@ -632,17 +632,24 @@ class Bench:
                 await asyncio.sleep(0.05)
         return float(stats["received"] / (stats["last_at"] - started))
 
-    async def delivery(self, label: str, delivering: list[Process]) -> tuple[float, float]:
-        """Fill a paused queue, release it; the delivery rate and the CPU-seconds that the
-        `delivering` processes (server, carriers) spent per 1,000 messages while draining."""
+    async def delivery(
+        self, label: str, delivering: list[Process]
+    ) -> tuple[float, dict[str, float]]:
+        """Fill a paused queue, release it; the delivery rate and the CPU-seconds that each
+        of the `delivering` processes (server, carriers) spent per 1,000 messages while
+        draining, by process name."""
         await self.put_queue("bench-deliver", paused=True)
         await self.fill("bench-deliver", self.o.delivery_messages)
-        cpu_before = sum(p.cpu_seconds() for p in delivering)
+        cpu_before = [p.cpu_seconds() for p in delivering]
         rate = await self.drain_rate("bench-deliver", self.o.delivery_messages)
         await self.wait_idle()
-        cpu = sum(p.cpu_seconds() for p in delivering) - cpu_before
+        per_1000 = 1000 / self.o.delivery_messages
+        cpu = {
+            p.name: (p.cpu_seconds() - before) * per_1000
+            for p, before in zip(delivering, cpu_before, strict=True)
+        }
         await self.clear()
-        return rate, cpu / self.o.delivery_messages * 1000
+        return rate, cpu
 
     async def stage_delivery(self) -> Figure:
         http = await self.bound("http")
@@ -652,7 +659,7 @@ class Bench:
         versus(empty, http, 0.8)
         self.cpu_dispatchers = self.figure(
             "CPU per 1,000 delivered: server dispatchers",
-            cpu,
+            sum(cpu.values()),
             "cpu-s",
             "server process",
             short="dispatcher path",
@@ -758,11 +765,12 @@ class Bench:
                 rate, cpu = await self.delivery("carriers", [self.server_process, *carriers])
                 name = f"delivery: 0 dispatchers, {count} carrier(s)"
                 versus(self.figure(name, rate, "msg/s"), server_only, 0.9 if count == 1 else None)
+                carriers_cpu = sum(v for k, v in cpu.items() if k != self.server_process.name)
                 cpu_figure = self.figure(
                     f"CPU per 1,000 delivered: {count} carrier(s)",
-                    cpu,
+                    sum(cpu.values()),
                     "cpu-s",
-                    "server + carrier processes",
+                    f"server {cpu[self.server_process.name]:.3f} + carriers {carriers_cpu:.3f}",
                 )
                 if self.cpu_dispatchers is not None and count == 1:
                     at_most(cpu_figure, 1.2, self.cpu_dispatchers)

@@ -41,6 +41,8 @@ log = logging.getLogger("ap4k.carrier")
 T = TypeVar("T")
 
 ACK_COALESCE_SECONDS = 0.005
+# At most this many times the concurrency leased ahead of the workers (ap4k.core.pool).
+LEASE_AHEAD_BATCHES = 8
 # Of the shutdown budget: kept for the last acks (after the in-flight deliveries' grace), and
 # of that, for closing the connections.
 ACK_RESERVE_SECONDS = 4.0
@@ -96,6 +98,7 @@ class ServerCalls:
         idempotent: bool,
         timeout: float = 30.0,
     ) -> T:
+        metrics.SERVER_CALLS.labels(path).inc()
         try:
             return await self.api.post(
                 path, request, answer, idempotent=idempotent, timeout=timeout
@@ -120,6 +123,10 @@ class Carrier:
             extend=self._extend,
             deliverer=Deliverer(max_connections=settings.concurrency * 2),
             cancel_lease_on_stop=True,  # a long poll: the server gives back what it held
+            # Leasing is a round trip to the server: under a backlog, lease in large batches.
+            max_ahead=LEASE_AHEAD_BATCHES * settings.concurrency,
+            # Acks go out in batches, later: leases stay renewed until the server has them.
+            hold_until_settled=True,
             name="carrier",
         )
         self._acks: list[wire.Ack] = []
@@ -164,14 +171,13 @@ class Carrier:
     # -- what the pool asks of us -----------------------------------------------------------
 
     async def _lease(self, room: int) -> list[Delivery]:
-        """One lease call: a long poll while idle; with work in hand, an immediate answer."""
-        outstanding = self.pool.outstanding
+        """One lease call, a long poll: the server answers as soon as it has any message for
+        us, so there is no polling loop, busy or idle."""
         request = wire.LeaseRequest(
             carrier=self.settings.carrier_id,
             max_messages=min(room, wire.MAX_BATCH),
             queues=self.settings.queues or None,
-            # With work in hand, don't park on the server: come back for more at once.
-            wait_seconds=self.settings.poll_wait_seconds if outstanding == 0 else 0,
+            wait_seconds=self.settings.poll_wait_seconds,
             lease_seconds=self.settings.lease_seconds,
         )
         try:
@@ -197,13 +203,10 @@ class Carrier:
             queue: tuple(secret_key(s) for s in given)
             for queue, given in answer.webhook_secrets.items()
         }
-        deliveries = [
+        return [
             from_leased(m, legacy.get(m.queue), keys.get(m.queue, ()))
             for m in answer.messages
         ]
-        if not deliveries and outstanding:
-            await asyncio.sleep(0.02)  # nothing new while busy: don't spin
-        return deliveries
 
     async def _release(self, deliveries: list[Delivery]) -> None:
         request = wire.ReleaseRequest(
@@ -256,7 +259,7 @@ class Carrier:
 
     async def _flush_acks(self, deadline: float | None = None) -> None:
         """Send what finished since the last call; on failure keep it and try again later
-        (until its leases expire, after which the server would refuse it anyway). With a
+        (the pool's heartbeat renews these leases until the server has the acks). With a
         `deadline` (the drain's), give up then: the leases will expire and the messages
         come back."""
         attempts = 0
@@ -282,6 +285,7 @@ class Carrier:
                     return
                 await asyncio.sleep(pause)
                 continue
+            self.pool.settled(int(a.id) for a in batch)
             refused = answer.refused
             if refused:
                 metrics.ACKS_REFUSED.inc(len(refused))

@@ -25,6 +25,11 @@ ACKS_REFUSED = Counter(
 LEASES_EXTENDED = Counter(
     "ap4k_carrier_leases_extended", "Leases extended by the heartbeat for slow deliveries."
 )
+SERVER_CALLS = Counter(
+    "ap4k_carrier_server_calls",
+    "Calls made to a server, by path (/v1/leases, /v1/acks, ...), failed ones included.",
+    ["path"],
+)
 SERVER_ERRORS = Counter(
     "ap4k_carrier_server_errors", "Calls to a server that failed (the carrier fails over)."
 )

@@ -8,8 +8,11 @@ The owner supplies only how it leases (a `FOR UPDATE SKIP LOCKED` statement for 
 a long poll of `/v1/leases` for a carrier) and how it reports outcomes and gives leases back
 (an outcome recorder, or acks over HTTP). Everything else lives here, once:
 
-- the lease loop keeps up to two batches' worth (`2 × size`) leased ahead of the workers, so
-  a worker that finishes finds its next message waiting;
+- the lease loop keeps messages leased ahead of the workers, so that a worker that finishes
+  finds its next message waiting: one batch's worth (`size`), or, for an owner whose lease
+  call is a network round trip (a carrier), about `AHEAD_SECONDS` of deliveries at the
+  recent rate, up to `max_ahead`: under a backlog, fast deliveries then come in large lease
+  batches (few lease calls), while slow ones do not hoard messages others could deliver;
 - a heartbeat renews the leases held for more than half their duration (slow deliveries and
   messages still waiting for a worker), so leases can be short: a process that dies stops
   renewing, and its messages are handed out again within about one lease;
@@ -31,6 +34,8 @@ from ap4k.core.delivery import Deliverer, Delivery, Outcome, Verdict
 log = logging.getLogger("ap4k.pool")
 
 CUT_OFF_ERROR = "abandoned at shutdown"
+AHEAD_SECONDS = 0.25
+RATE_WINDOW_SECONDS = 1.0
 # How long the drain waits for a lease call in flight to come back before cancelling it: a
 # lease committed but never seen would sit out its whole expiry.
 LEASE_RETURN_SECONDS = 2.0
@@ -50,6 +55,9 @@ class DeliveryPool:
     made it. `cancel_lease_on_stop`: whether a lease call in flight at the drain is
     cancelled at once (a carrier's long poll, which the server gives back when cut) rather
     than awaited for up to `LEASE_RETURN_SECONDS` (a server's lease statement).
+    `max_ahead`: the most messages leased beyond the workers (default and at least `size`).
+    `hold_until_settled`: keep renewing a lease after its outcome is reported, until the
+    owner calls `settled()` (a carrier, whose acks reach the server later, in batches).
     """
 
     def __init__(
@@ -63,9 +71,13 @@ class DeliveryPool:
         extend: Extend,
         deliverer: Deliverer | None = None,
         cancel_lease_on_stop: bool = False,
+        max_ahead: int | None = None,
+        hold_until_settled: bool = False,
         name: str = "ap4k-pool",
     ) -> None:
         self.size = size
+        self.max_ahead = max(size, max_ahead or size)
+        self._hold_until_settled = hold_until_settled
         self.lease_seconds = lease_seconds
         self.deliverer = deliverer or Deliverer(max_connections=max(size, 1) * 2)
         self._lease = lease
@@ -77,7 +89,7 @@ class DeliveryPool:
         self._ready: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._outstanding = 0  # leased and not yet delivered
         self._capacity = asyncio.Event()
-        # Every lease held and not yet reported: id -> (delivery, lease renewed at).
+        # Every lease held and not yet reported (or settled): id -> (delivery, renewed at).
         self._held: dict[int, tuple[Delivery, float]] = {}
         self._in_flight: dict[int, Delivery] = {}
         self._late: list[Delivery] = []  # handed over after the drain began
@@ -85,6 +97,10 @@ class DeliveryPool:
         self._leaser: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._delivered = 0
+        self._rate = 0.0  # deliveries per second, over the last rate window
+        self._rate_since = time.monotonic()
+        self._rate_count = 0
 
     # -- state ------------------------------------------------------------------------------
 
@@ -104,7 +120,23 @@ class DeliveryPool:
     @property
     def room(self) -> int:
         """How many more messages the lease loop would take now."""
-        return 2 * self.size - self._outstanding
+        return self.size + self._ahead() - self._outstanding
+
+    def _ahead(self) -> int:
+        if self.max_ahead == self.size:
+            return self.size
+        now = time.monotonic()
+        elapsed = now - self._rate_since
+        if elapsed >= RATE_WINDOW_SECONDS:
+            self._rate = (self._delivered - self._rate_count) / elapsed
+            self._rate_since, self._rate_count = now, self._delivered
+        return min(max(self.size, int(self._rate * AHEAD_SECONDS)), self.max_ahead)
+
+    def settled(self, ids: Iterable[int]) -> None:
+        """The outcomes of these deliveries reached the server: stop renewing their leases
+        (with `hold_until_settled`)."""
+        for delivery_id in ids:
+            self._held.pop(delivery_id, None)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -188,7 +220,7 @@ class DeliveryPool:
 
     async def _lease_loop(self) -> None:
         while not self._stopping:
-            if self._outstanding > self.size:  # two batches' worth in hand: wait for room
+            if self._outstanding > self.size:  # a batch's worth ahead in hand: wait for room
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
@@ -233,9 +265,11 @@ class DeliveryPool:
             finally:
                 self._in_flight.pop(delivery.id, None)
             self._outstanding -= 1
+            self._delivered += 1
             if self._outstanding <= self.size:  # wake the lease loop only when it can act
                 self._capacity.set()
-            self._held.pop(delivery.id, None)
+            if not self._hold_until_settled:
+                self._held.pop(delivery.id, None)
             self._report(delivery, outcome)
 
 
