@@ -63,6 +63,30 @@ def test_quick_bench_reports_every_figure_beside_its_bound() -> None:
     assert stages["carriers"]["peak_rss_mb"]["carrier-0"] > 0
 
 
+def test_quick_flow_stage_reports_leases_and_delivery_with_and_without_flow_limits() -> None:
+    result = subprocess.run(
+        [*BENCH, "--quick", "--json", "--only", "flow"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    figures = {f["name"]: f for f in report["figures"]}
+    for prefix in (
+        "lease of 100, flow_limits: first",
+        "lease of 100, flow_limits: median of next",
+        "lease of 100, no flow limits: first",
+        "lease of 100, no flow limits: median of next",
+        "delivery, flow_limits: 4,500 messages of 1,500 waiting keys",
+        "delivery, no flow limits: the same 6,500 messages",
+    ):
+        matches = [f for name, f in figures.items() if name.startswith(prefix)]
+        assert matches and matches[0]["value"] > 0, (prefix, sorted(figures))
+    assert [s["name"] for s in report["stages"]] == ["flow"]
+
+
 def test_only_refuses_an_unknown_stage_before_starting_anything() -> None:
     result = subprocess.run(
         [*BENCH, "--only", "raw,deliveries"], capture_output=True, text=True, timeout=60

@@ -91,6 +91,58 @@ async def test_per_key_limits_hold_across_replicas_and_a_carrier_without_blockin
         carrier.kill()
 
 
+WAITING_KEYS = 2_000
+HOT_BACKLOG = 3_000
+HOT_DELIVERY_SECONDS = 0.02  # the hot key can go at most 50/s: its backlog outlasts the run
+
+
+async def test_thousands_of_keys_flow_past_a_saturated_key_within_their_limits(
+    start_server: StartServer,
+) -> None:
+    """One key saturated with a deep backlog at the head of the queue, 2,000 keys with two
+    messages each behind it, and messages without a key: every waiting key's messages (and
+    the unkeyed ones) are delivered while the hot key still has most of its backlog, no key
+    ever has more than its one delivery in flight. (What a lease costs here is `ap4k bench
+    --only flow`'s figure, not a test's.)"""
+    _, api = await start_server()
+    in_flight: dict[str, int] = defaultdict(int)
+    peak: dict[str, int] = defaultdict(int)
+    delivered: dict[str, int] = defaultdict(int)
+
+    async def tenant(received: Received, _: int) -> int:
+        key = json.loads(received.body)["k"]
+        in_flight[key] += 1
+        peak[key] = max(peak[key], in_flight[key])
+        await asyncio.sleep(HOT_DELIVERY_SECONDS if key == "hot" else 0)
+        in_flight[key] -= 1
+        delivered[key] += 1
+        return 200
+
+    async with sink(tenant) as target:
+        limits = {"max_concurrency": 1, "rate_limit_per_second": 1000}
+        await api.settings("many", flow_limits=limits, paused=True)
+        keyed = ["hot"] * HOT_BACKLOG + [f"key-{i:04}" for i in range(WAITING_KEYS)] * 2
+        messages = [{"target": target.url, "body": {"k": k}, "flow_key": k} for k in keyed]
+        messages += [{"target": target.url, "body": {"k": "-"}} for _ in range(100)]
+        for start in range(0, len(messages), 1000):
+            await api.send_batch("many", messages[start : start + 1000])
+        await api.settings("many", paused=False)
+
+        others = 2 * WAITING_KEYS + 100
+        await target.wait_for(
+            lambda: sum(n for k, n in delivered.items() if k != "hot") >= others, timeout=120
+        )
+        busy = (await api.ok("GET", "/v1/queues/many/flow-keys?limit=5"))["flow_keys"]
+        await api.settings("many", paused=True)
+
+    assert all(delivered[f"key-{i:04}"] == 2 for i in range(WAITING_KEYS)), "a key missed out"
+    assert delivered["-"] == 100
+    assert max(peak[k] for k in peak if k != "-") == 1, max(peak.items(), key=lambda p: p[1])
+    # The waiting keys went past the hot key, not after it.
+    assert delivered["hot"] < HOT_BACKLOG / 2, delivered["hot"]
+    assert busy[0]["flow_key"] == "hot" and busy[0]["waiting"] > HOT_BACKLOG / 2, busy
+
+
 async def test_flow_settings_and_fields_are_checked(api: Api) -> None:
     for bad, field in (
         ({"max_concurrency": 0}, "flow_limits.max_concurrency"),

@@ -75,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--only",
         type=stage_list,
         default=None,
-        help="comma list of stages: raw,enqueue,delivery,latency,backlog,carriers,outbox "
-        "(default: all but outbox)",
+        help="comma list of stages: raw,enqueue,delivery,latency,backlog,carriers,outbox,flow "
+        "(default: all but outbox and flow)",
     )
     bench.add_argument("--outbox", action="store_true", help="add the outbox stage")
     bench.add_argument(

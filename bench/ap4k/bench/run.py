@@ -13,7 +13,10 @@ load, so only such ratios mean anything), with the issue's target and a met/miss
 - end-to-end latency p50/p99 at a fixed offered load of 1,000 msg/s (open loop);
 - delivery again with a 1,000,000-message backlog;
 - carriers: the server without dispatchers and N carriers (rate and CPU per 1,000 messages);
-- optionally the outbox forwarder.
+- optionally the outbox forwarder;
+- optionally flow keys: one saturated key with a deep backlog ahead of thousands of keys
+  with a few messages each: the time of one lease of a batch of 100 (with and without the
+  queue's flow_limits), and the rate at which the waiting keys' messages are delivered.
 
 Each stage reports how long it took, the peak RSS of the server and of each carrier, and the
 load average is recorded at the start and the end.
@@ -42,9 +45,10 @@ import orjson
 import psutil
 
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
+from ap4k.server import queries
 
 # The stages in the order they run; `--only` takes names from this list.
-STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers", "outbox")
+STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers", "outbox", "flow")
 DEFAULT_STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers")
 PROGRESS_SECONDS = 3.0
 
@@ -62,6 +66,8 @@ class BenchOptions:
     latency_seconds: float = 10.0
     delivery_messages: int = 50_000
     backlog_measured: int = 100_000
+    flow_backlog: int = 20_000
+    flow_keys: int = 5_000
     keep: bool = False
     profile: bool = False
 
@@ -74,6 +80,8 @@ class BenchOptions:
         self.latency_seconds = 2.0
         self.delivery_messages = 2_000
         self.backlog_measured = 2_000
+        self.flow_backlog = 2_000
+        self.flow_keys = 1_500
         return self
 
 
@@ -807,6 +815,94 @@ class Bench:
 
     # -- profiling ----------------------------------------------------------------------------
 
+    async def fill_keyed(self, queue: str, keys: list[str]) -> None:
+        """Enqueue one message per entry of `keys` (its flow_key), in order, in batches."""
+        target = self.sink + "/deliver"
+        for start in range(0, len(keys), 1000):
+            batch = [
+                {"target": target, "body": {"k": k}, "flow_key": k}
+                for k in keys[start : start + 1000]
+            ]
+            await self.post(f"/v1/queues/{queue}/messages", {"messages": batch})
+
+    async def lease_seconds(self, queue: str, flow_limits: dict[str, Any] | None) -> list[float]:
+        """Times of consecutive leases of 100 (the dispatcher's batch) from `queue`, in a
+        transaction rolled back after: the server, which sees the queue paused, leases none."""
+        times: list[float] = []
+        transaction = self.conn.transaction()
+        await transaction.start()
+        try:
+            await self.conn.execute(
+                "UPDATE ap4k_queues SET paused = false, flow_limits = $2 WHERE name = $1",
+                queue,
+                None if flow_limits is None else orjson.dumps(flow_limits).decode(),
+            )
+            for _ in range(12):
+                started = time.perf_counter()
+                rows = await self.conn.fetch(queries.LEASE, queue, 100, "bench", 30.0, 0, True)
+                times.append(time.perf_counter() - started)
+                if len(rows) != 100:
+                    raise RuntimeError(f"lease from {queue}: {len(rows)} rows, not 100")
+        finally:
+            await transaction.rollback()
+        return times
+
+    async def stage_flow(self) -> None:
+        hot, keys, each = self.o.flow_backlog, self.o.flow_keys, 3
+        limits = {"max_concurrency": 1, "rate_limit_per_second": 1000}
+        queue = "bench-flow"
+        await self.put_queue(queue, paused=True, flow_limits=limits)
+        others = [f"key-{i}" for i in range(keys)] * each
+        log(f"  enqueuing {hot:,} messages of one key, then {keys:,} keys × {each}")
+        await self.fill_keyed(queue, ["hot"] * hot + others)
+        await self.conn.execute("VACUUM ANALYZE ap4k_messages")
+        for label, setting in (("flow_limits", limits), ("no flow limits", None)):
+            times = await self.lease_seconds(queue, setting)
+            note = f"{hot:,} of one key ahead of {keys:,} keys × {each}"
+            self.figure(f"lease of 100, {label}: first", times[0] * 1000, "ms", note)
+            self.figure(
+                f"lease of 100, {label}: median of next 11",
+                statistics.median(times[1:]) * 1000,
+                "ms",
+                "the hot key saturated" if setting else "",
+            )
+        # Delivery: the waiting keys' messages, while the hot key delivers one at a time.
+        await self.sink_reset()
+        started = time.time()
+        await self.put_queue(queue, paused=False)
+        waiting = (
+            "SELECT count(*) FROM ap4k_messages WHERE queue = $1 AND flow_key <> 'hot' "
+            "AND state <> 'completed'"
+        )
+        left = len(others)
+        async with progress("waiting keys' messages left", lambda: f"{left:,}"):
+            while left:
+                await asyncio.sleep(0.1)
+                left = await self.conn.fetchval(waiting, queue)
+        seconds = time.time() - started
+        received = (await self.sink_stats())["received"]
+        await self.put_queue(queue, paused=True)
+        keyed = self.figure(
+            f"delivery, flow_limits: {len(others):,} messages of {keys:,} waiting keys",
+            len(others) / seconds,
+            "msg/s",
+            f"the hot key's {received - len(others):,} meanwhile",
+        )
+        running = "SELECT count(*) FROM ap4k_messages WHERE queue = $1 AND state = 'running'"
+        while await self.conn.fetchval(running, queue):  # noqa: ASYNC110 - polling another process
+            await asyncio.sleep(0.1)
+        await self.clear()
+        # The same messages without flow limits.
+        await self.put_queue("bench-flow-off", paused=True)
+        await self.fill_keyed("bench-flow-off", ["hot"] * hot + others)
+        rate = await self.drain_rate("bench-flow-off", hot + len(others))
+        plain = self.figure(
+            f"delivery, no flow limits: the same {hot + len(others):,} messages", rate, "msg/s"
+        )
+        versus(keyed, plain)
+        await self.wait_idle()
+        await self.clear()
+
     @contextlib.asynccontextmanager
     async def profiled(self, stage: str) -> AsyncIterator[None]:
         """With --profile: py-spy records the server (and its workers) through the stage, as
@@ -881,6 +977,8 @@ class Bench:
                         await self.stage_carriers(empty)
                     elif stage == "outbox":
                         await self.stage_outbox()
+                    elif stage == "flow":
+                        await self.stage_flow()
                 report.seconds = round(time.perf_counter() - started, 1)
                 report.peak_rss_mb = self.monitor.take_peaks() or report.peak_rss_mb
                 report.load_average = load_average()
