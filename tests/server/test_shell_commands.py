@@ -270,3 +270,53 @@ async def test_token_and_a_pipe_that_closes_early(start_server: StartServer) -> 
     )
     out, err = await process.communicate()
     assert (len(out), err) == (10, b"")
+
+
+async def test_queue_set_flow_limits_and_circuit_breaker(start_server: StartServer) -> None:
+    _, api = await start_server(dispatchers=0)
+    server = ["--server", api.base_url]
+    both = await ap4k(
+        "queue", "set", "tenants", "--flow-limits", "max_concurrency=2, rate_limit_per_second=5",
+        "--circuit-breaker", "failure_ratio=0.25,min_attempts=4,window_seconds=30,open_seconds=15",
+        "--json", *server,
+    )  # fmt: skip
+    assert both.code == 0, both
+    shown = (await api.ok("GET", "/v1/queues/tenants"))["settings"]
+    assert shown["flow_limits"] == {"rate_limit_per_second": 5.0, "max_concurrency": 2}
+    assert shown["circuit_breaker"] == {
+        "failure_ratio": 0.25,
+        "min_attempts": 4,
+        "window_seconds": 30.0,
+        "open_seconds": 15.0,
+    }
+    assert both.json()["settings"] == shown
+    # A field left out takes its default; the table shows the objects as the flags take them.
+    some = await ap4k("queue", "set", "tenants", "--circuit-breaker", "open_seconds=5", *server)
+    assert some.code == 0, some
+    lines = {line.split()[0]: line.split()[-1] for line in some.stdout.splitlines()[2:] if line}
+    assert lines["circuit_breaker"] == (
+        "failure_ratio=0.5,min_attempts=10,window_seconds=60,open_seconds=5"
+    )
+    assert lines["flow_limits"] == "rate_limit_per_second=5,max_concurrency=2"
+    off = await ap4k(
+        "queue", "set", "tenants", "--flow-limits", "none", "--circuit-breaker", "None", *server
+    )
+    assert off.code == 0, off
+    shown = (await api.ok("GET", "/v1/queues/tenants"))["settings"]
+    assert (shown["flow_limits"], shown["circuit_breaker"]) == (None, None)
+
+    for flag, bad, said in (
+        ("--flow-limits", "max_concurrency=0", "$.flow_limits.max_concurrency"),
+        ("--flow-limits", "max_concurrency=two", "$.flow_limits.max_concurrency"),
+        ("--flow-limits", "burst=3", "unknown field `burst`"),
+        ("--flow-limits", "max_concurrency", "FIELD=VALUE"),
+        ("--flow-limits", "max_concurrency=1,max_concurrency=2", "each field once"),
+        ("--flow-limits", ",", "FIELD=VALUE"),
+        ("--circuit-breaker", "failure_ratio=1.5", "$.circuit_breaker.failure_ratio"),
+    ):
+        refused = await ap4k("queue", "set", "tenants", flag, bad, *server)
+        assert refused.code == 2, (bad, refused)
+        assert said in refused.stderr and flag in refused.stderr, (bad, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    shown = (await api.ok("GET", "/v1/queues/tenants"))["settings"]
+    assert (shown["flow_limits"], shown["circuit_breaker"]) == (None, None)

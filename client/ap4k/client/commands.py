@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+import msgspec
+
 from ap4k.core import wire
 from ap4k.core.config import add_flag
 
@@ -111,6 +113,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     put.add_argument("--base-url", metavar="URL|none")
     put.add_argument("--allowed-targets", metavar="PREFIX,…|none")
     put.add_argument("--signing-secret", metavar="SECRET|none")
+    for name, kind in wire.OBJECT_SETTINGS.items():  # --circuit-breaker, --flow-limits
+        put.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            metavar="FIELD=VALUE,…|none",
+            help=f"fields {', '.join(kind.__struct_fields__)} (a field left out: its default);"
+            " none: off",
+        )
     rotation = put.add_mutually_exclusive_group()
     rotation.add_argument(
         "--new-signing-secret",
@@ -462,6 +472,10 @@ def _show_queue(args: argparse.Namespace, q: Any) -> None:
     settings = q["settings"]
     width = max(len(k) for k in settings)
     for key, value in settings.items():
+        if isinstance(value, dict):  # an object setting, spelled as `queue set` takes it
+            pairs = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+            print(f"{key.ljust(width)}  {','.join(p for p in pairs if not p.endswith('=None'))}")
+            continue
         shown = ", ".join(value) if isinstance(value, list) else value
         print(f"{key.ljust(width)}  {_cell(shown if shown != '' else None)}")
 
@@ -480,6 +494,29 @@ def _optional(raw: str | None, cast: Callable[[str], Any], flag: str) -> Any:
         raise UsageError(f"{flag} must be a number or 'none', not {raw!r}") from None
 
 
+def _object_setting(name: str, raw: str) -> Any:
+    """`--flow-limits max_concurrency=2,rate_limit_per_second=5` as the setting's JSON object,
+    checked by the setting's one declaration in wire (`none`: off)."""
+    flag = "--" + name.replace("_", "-")
+    if raw.strip().lower() == "none":
+        return None
+    given: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in raw.split(","))):
+        field, equals, value = pair.partition("=")
+        if not equals or not field.strip() or field.strip() in given:
+            raise UsageError(f"{flag} takes FIELD=VALUE pairs, each field once, not {raw!r}")
+        given[field.strip()] = value.strip()
+    if not given:
+        raise UsageError(f"{flag} takes FIELD=VALUE pairs or 'none', not {raw!r}")
+    fields = ", ".join(wire.OBJECT_SETTINGS[name].__struct_fields__)
+    try:
+        # strict=False: the command line's strings become the declared numbers.
+        update = msgspec.convert({name: given}, wire.QueueSettingsUpdate, strict=False)
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"{flag} {raw!r}: {exc} (fields: {fields})") from None
+    return msgspec.to_builtins(getattr(update, name))
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for key in ("max_attempts", "min_backoff_seconds", "max_backoff_seconds", "paused"):
@@ -495,6 +532,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             changes[key] = None if value.lower() == "none" else value
+    for name in wire.OBJECT_SETTINGS:
+        if getattr(args, name) is not None:
+            changes[name] = _object_setting(name, getattr(args, name))
     if args.allowed_targets is not None:
         given = args.allowed_targets
         changes["allowed_targets"] = (
