@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import msgspec
 from aiohttp import web
 
 from ap4k.core.limits import MAX_HEADER_FIELD_BYTES
@@ -165,6 +166,34 @@ async def test_a_header_of_the_largest_size_allowed_is_delivered(api: Api) -> No
         sent = await api.send("large-header", {"target": target.url, "headers": {name: value}})
         await api.wait_state(sent["id"], "completed")
         assert target.received[-1].headers[name] == value
+
+
+async def test_bodies_and_headers_arrive_as_stored(api: Api) -> None:
+    """Whatever JSON a body holds (null, a bare string with escapes and a NUL, nesting) is
+    delivered as msgspec wrote it at enqueue, byte for byte; no body is no body."""
+    bodies: list[object] = [
+        None,
+        "x\u00e9 \u2028 \"quoted\" back\\slash \x00 end",
+        {"z": 1, "a": [1, 2.5, {"deep": None}], "nul": "\x00", "": True},
+        [],
+        0,
+    ]
+    async with sink() as target:
+        messages: list[dict[str, object]] = [
+            {"target": target.url + f"/{i}", "body": b, "headers": {"X-Order": str(i)}}
+            for i, b in enumerate(bodies)
+        ]
+        messages.append({"target": target.url + f"/{len(bodies)}"})  # no body at all
+        sent = await api.send_batch("bodies", messages)
+        single = await api.send("bodies", {"target": target.url + "/single", "body": "one"})
+        for item in [*sent, single]:
+            await api.wait_state(item["id"], "completed")
+        got = {r.headers[":path"]: r for r in target.received}
+        for i, b in enumerate(bodies):
+            assert got[f"/{i}"].body == msgspec.json.encode(b)
+            assert got[f"/{i}"].headers["X-Order"] == str(i)
+        assert got[f"/{len(bodies)}"].body == b""
+        assert got["/single"].body == b'"one"'
 
 
 async def test_the_deepest_body_allowed_is_stored_and_delivered_whole(api: Api) -> None:

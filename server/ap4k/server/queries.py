@@ -4,39 +4,65 @@ from __future__ import annotations
 
 from ap4k.core import wire
 
-# Group-committed enqueue: many messages, one statement, one commit. Ids come from the
-# sequence in input order (so FIFO by id is enqueue order); a dedup_key that already exists
-# in the queue yields the existing message instead of a new one. A row with a leased_by is
-# handed straight to that dispatcher: inserted already leased (running, attempt 1), which
-# saves the lease statement when a dispatcher of this process is idle and the queue empty.
-ENQUEUE = """
+# Group-committed enqueue: many messages, one statement, one commit. The messages come as
+# one JSON document, an array of objects named like ENQUEUE_INPUT's columns (absent: NULL):
+# one parameter for asyncpg to encode instead of sixteen arrays of a hundred elements each,
+# which cost more than the rest of the request (docs/performance.md, "The enqueue path").
+# Each body (JSON text) travels as a JSON string, so that it is stored byte for byte; a JSON
+# value in the document would be decoded (a NUL escape in it refused, a bare null lost).
+# Ids come from the sequence in input order (so FIFO by id is enqueue order). A row with a
+# leased_by is handed straight to that dispatcher: inserted already leased (running, attempt
+# 1), which saves the lease statement when a dispatcher of this process is idle and the
+# queue empty.
+ENQUEUE_INPUT = """
+SELECT t.*, coalesce(t.not_before, now() + make_interval(secs => coalesce(t.delay, 0))) AS due
+  FROM ROWS FROM (json_to_recordset($1::json) AS (
+           queue text, target text, method text, headers json, body text, priority int,
+           dedup_key text, ordering_key text, max_attempts int, timeout_seconds real,
+           delay float8, not_before timestamptz, leased_by text, callback text,
+           failure_callback text, flow_key text))
+       WITH ORDINALITY AS t(queue, target, method, headers, body, priority, dedup_key,
+                            ordering_key, max_attempts, timeout_seconds, delay, not_before,
+                            leased_by, callback, failure_callback, flow_key, ord)
+"""
+
+_ENQUEUE_INSERT = """
+INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
+                           lease_order, dedup_key, ordering_key, max_attempts,
+                           timeout_seconds, scheduled_at, attempt, leased_by,
+                           attempted_at, lease_expires_at, callback, failure_callback, flow_key)
+SELECT {id}, queue,
+       (CASE WHEN leased_by IS NOT NULL THEN 'running'
+             WHEN due > now() THEN 'scheduled'
+             ELSE 'available' END)::ap4k_state,
+       target, method, headers::text, convert_to(body, 'UTF8'), priority,
+       ap4k_lease_order(priority), dedup_key, ordering_key, max_attempts, timeout_seconds,
+       greatest(due, now()), CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
+       CASE WHEN leased_by IS NOT NULL THEN now() END,
+       CASE WHEN leased_by IS NOT NULL
+            THEN now() + make_interval(secs => $2) END,
+       callback, failure_callback, flow_key
+  FROM {source}
+ ORDER BY ord
+"""
+
+# The common case, no message with a dedup key: a plain INSERT. Without ON CONFLICT,
+# PostgreSQL inserts each row once rather than speculatively, and nothing is joined back.
+# The rows come back in insertion order, which is input order (ids ascending).
+ENQUEUE_NEW = (
+    _ENQUEUE_INSERT.format(
+        id="nextval('ap4k_messages_id_seq')", source=f"({ENQUEUE_INPUT.strip()}) AS input"
+    )
+    + "RETURNING id, state::text AS state\n"
+)
+
+# Some messages with a dedup key: one that already exists in the queue yields the existing
+# message instead of a new one.
+ENQUEUE = f"""
 WITH input AS (
-    SELECT nextval('ap4k_messages_id_seq') AS id, t.*,
-           coalesce(t.not_before, now() + make_interval(secs => coalesce(t.delay, 0))) AS due
-      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::int[],
-                  $7::text[], $8::text[], $9::int[], $10::real[], $11::float8[],
-                  $12::timestamptz[], $13::text[], $14::text[], $15::text[], $16::text[])
-           WITH ORDINALITY AS t(queue, target, method, headers, body, priority, dedup_key,
-                                ordering_key, max_attempts, timeout_seconds, delay,
-                                not_before, leased_by, callback, failure_callback, flow_key, ord)
+    SELECT nextval('ap4k_messages_id_seq') AS id, i.* FROM ({ENQUEUE_INPUT.strip()}) AS i
 ), inserted AS (
-    INSERT INTO ap4k_messages (id, queue, state, target, method, headers, body, priority,
-                               lease_order, dedup_key, ordering_key, max_attempts,
-                               timeout_seconds, scheduled_at, attempt, leased_by,
-                               attempted_at, lease_expires_at, callback, failure_callback, flow_key)
-    SELECT id, queue,
-           (CASE WHEN leased_by IS NOT NULL THEN 'running'
-                 WHEN due > now() THEN 'scheduled'
-                 ELSE 'available' END)::ap4k_state,
-           target, method, headers, body, priority, ap4k_lease_order(priority), dedup_key,
-           ordering_key, max_attempts, timeout_seconds, greatest(due, now()),
-           CASE WHEN leased_by IS NULL THEN 0 ELSE 1 END, leased_by,
-           CASE WHEN leased_by IS NOT NULL THEN now() END,
-           CASE WHEN leased_by IS NOT NULL
-                THEN now() + make_interval(secs => $17) END,
-           callback, failure_callback, flow_key
-      FROM input
-     ORDER BY ord
+    {_ENQUEUE_INSERT.format(id="id", source="input").strip()}
         ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
     RETURNING id, state
 )
@@ -524,6 +550,15 @@ DELETE FROM ap4k_flow_keys b
 
 NOTIFY = "SELECT pg_notify($1, $2)"
 WAKEUP_CHANNEL = "ap4k_wakeup"
+# Every server's LISTEN connection goes by this application_name, which pg_stat_activity
+# shows to every role: how a server knows whether anyone else would hear its NOTIFY.
+LISTENER_APPLICATION_NAME = "ap4k-listener"
+OTHER_LISTENERS = f"""
+SELECT count(*) FROM pg_stat_activity
+ WHERE application_name = '{LISTENER_APPLICATION_NAME}'
+   AND datname = current_database()
+   AND pid <> $1
+"""
 
 # LIST_MESSAGES[(state or None, newest_first)]: one statement per state and direction.
 LIST_MESSAGES = {

@@ -154,9 +154,8 @@ class QueueDepth:
     oldest_available_age_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class EnqueueRow:
-    """One message for the ENQUEUE statement."""
+class EnqueueRow(msgspec.Struct, frozen=True):
+    """One message for the ENQUEUE statements (a struct: a batch makes a thousand of these)."""
 
     queue: str
     message: wire.MessageIn  # checked and normalised by validation.parse_enqueue
@@ -167,27 +166,57 @@ class EnqueueRow:
     failure_callback: str | None = None
 
 
-def _enqueue_columns(rows: Sequence[EnqueueRow]) -> list[list[Any]]:
-    """ENQUEUE's array parameters, in its column order."""
-    messages = [r.message for r in rows]
-    return [
-        [r.queue for r in rows],
-        [r.target for r in rows],
-        [m.method for m in messages],
-        [None if not m.headers else msgspec.json.encode(m.headers).decode() for m in messages],
-        [r.body for r in rows],
-        [m.priority for m in messages],
-        [m.dedup_key for m in messages],
-        [m.ordering_key for m in messages],
-        [m.max_attempts for m in messages],
-        [m.timeout_seconds for m in messages],
-        [m.delay_seconds for m in messages],
-        [m.not_before for m in messages],
-        [r.leased_by for r in rows],
-        [r.callback for r in rows],
-        [r.failure_callback for r in rows],
-        [m.flow_key for m in messages],
-    ]
+class _EnqueueInput(msgspec.Struct, omit_defaults=True):
+    """One element of the ENQUEUE statements' JSON document (queries.ENQUEUE_INPUT): a
+    field left out is NULL there."""
+
+    queue: str
+    target: str
+    method: str
+    priority: int
+    timeout_seconds: float | None
+    headers: dict[str, str] | None = None
+    body: str | None = None  # the JSON text, as a string: stored byte for byte
+    dedup_key: str | None = None
+    ordering_key: str | None = None
+    max_attempts: int | None = None
+    delay: float | None = None
+    not_before: datetime | None = None
+    leased_by: str | None = None
+    callback: str | None = None
+    failure_callback: str | None = None
+    flow_key: str | None = None
+
+
+_encode_input = msgspec.json.Encoder().encode
+
+
+def enqueue_document(rows: Sequence[EnqueueRow]) -> str:
+    """The ENQUEUE statements' one parameter."""
+    out = []
+    for r in rows:
+        m = r.message
+        out.append(
+            _EnqueueInput(
+                r.queue,
+                r.target,
+                m.method,
+                m.priority,
+                m.timeout_seconds,
+                m.headers or None,
+                None if r.body is None else r.body.decode(),
+                m.dedup_key,
+                m.ordering_key,
+                m.max_attempts,
+                m.delay_seconds,
+                m.not_before,
+                r.leased_by,
+                r.callback,
+                r.failure_callback,
+                m.flow_key,
+            )
+        )
+    return _encode_input(out).decode()
 
 
 @dataclass(slots=True)
@@ -266,14 +295,17 @@ class Store:
     async def _enqueue(
         conn: asyncpg.Connection, rows: Sequence[EnqueueRow], lease_seconds: float = 30.0
     ) -> list[tuple[int, str, bool]]:
+        if all(r.message.dedup_key is None for r in rows):
+            records = await conn.fetch(queries.ENQUEUE_NEW, enqueue_document(rows), lease_seconds)
+            return sorted((r["id"], r["state"], False) for r in records)
         results: list[tuple[int, str, bool] | None] = [None] * len(rows)
         todo = list(range(len(rows)))
         # A row whose dedup key was committed concurrently with the INSERT is skipped
         # and looked up afterwards; if that original was purged or pruned in between,
         # the row goes in again (the original is gone: this is no longer a duplicate).
         for _ in range(10):
-            columns = _enqueue_columns([rows[i] for i in todo])
-            records = await conn.fetch(queries.ENQUEUE, *columns, lease_seconds)
+            document = enqueue_document([rows[i] for i in todo])
+            records = await conn.fetch(queries.ENQUEUE, document, lease_seconds)
             vanished = []
             for i, r in zip(todo, records, strict=True):
                 if r["id"] is not None:
@@ -465,6 +497,12 @@ class Store:
     async def notify(self, channel: str, payload: str) -> None:
         async with self.dispatch_pool.acquire() as conn:
             await conn.execute(queries.NOTIFY, channel, payload)
+
+    async def other_listeners(self, own_listener_pid: int) -> int:
+        """How many other servers' LISTEN connections there are on this database."""
+        async with self.dispatch_pool.acquire() as conn:
+            n: int = await conn.fetchval(queries.OTHER_LISTENERS, own_listener_pid)
+        return n
 
     # -- messages -------------------------------------------------------------------------
 

@@ -134,15 +134,20 @@ def check_headers(headers: dict[str, str] | None, field: str) -> None:
 
 def _check_message(m: wire.MessageBase, prefix: str) -> None:
     """What the wire types cannot say; normalises the method and not_before in place."""
-    if isinstance(m, wire.MessageIn | wire.ScheduledMessage):
-        _check_url(m.url, prefix + "target")
-    _check_url(m.callback, prefix + "callback")
-    _check_url(m.failure_callback, prefix + "failure_callback")
-    method = m.method.upper()
-    if method not in wire.METHODS:
-        raise invalid(prefix + "method", f"method must be one of {list(wire.METHODS)}")
-    m.method = method
-    check_headers(m.headers, prefix + "headers")
+    # Field names are only spelt out for an error: a batch checks a thousand messages.
+    if isinstance(m.target, str):  # a topic's message has none
+        _check_url(m.target, prefix + "target")
+    if m.callback is not None:
+        _check_url(m.callback, prefix + "callback")
+    if m.failure_callback is not None:
+        _check_url(m.failure_callback, prefix + "failure_callback")
+    if m.method not in wire.METHODS:
+        method = m.method.upper()
+        if method not in wire.METHODS:
+            raise invalid(prefix + "method", f"method must be one of {list(wire.METHODS)}")
+        m.method = method
+    if m.headers:
+        check_headers(m.headers, prefix + "headers")
     if isinstance(m, wire.PublishedMessage) and m.not_before is not None:
         if m.not_before.year > 9000:
             raise invalid(prefix + "not_before", "not_before is too far in the future")
