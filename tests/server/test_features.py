@@ -12,8 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from ap4k.core.curl import CurlClient, CurlError
 from ap4k.core.delivery import Deliverer, Delivery, Verdict
-from ap4k.core.targets import BlockedAddressError, GuardedResolver
+from ap4k.core.targets import refuse_address
 from ap4k_testkit import Api, Received, StartServer, count_rows, sink
 
 
@@ -245,17 +246,26 @@ async def test_link_local_needs_explicit_allowance(api: Api) -> None:
 
 
 async def test_delivery_guard_refuses_names_resolving_to_link_local() -> None:
-    resolver = GuardedResolver()
-    try:
-        assert (await resolver.resolve("localhost", 80))[0]["host"] in ("127.0.0.1", "::1")
+    """The guard runs on the addresses a name resolved to, right before connecting: with a
+    guard that refuses loopback, `localhost` is refused although its name is harmless."""
+
+    def refuse_loopback(address: str) -> str | None:
+        return f"{address} is loopback" if address in ("127.0.0.1", "::1") else None
+
+    async with sink() as target:
+        url = f"http://localhost:{target.port}/"
+        client, real = CurlClient(guard=refuse_loopback), CurlClient(guard=refuse_address)
         try:
-            await resolver.resolve("169.254.169.254", 80)
-        except BlockedAddressError:
-            pass
-        else:
-            raise AssertionError("a link-local address resolved")
-    finally:
-        await resolver.close()
+            with pytest.raises(CurlError) as refused:
+                await client.request("POST", url, [], b"{}", 2.0)
+            assert refused.value.refused is not None and "loopback" in refused.value.refused
+            assert target.received == []
+            # The real guard allows loopback (in-cluster targets are private addresses).
+            answer = await real.request("POST", url, [], b"{}", 2.0)
+            assert answer.status == 200 and len(target.received) == 1
+        finally:
+            await client.close()
+            await real.close()
     deliverer = Deliverer()
     try:
         outcome = await deliverer.deliver(
@@ -339,12 +349,14 @@ async def test_delivery_refuses_every_spelling_of_a_blocked_host(host: str) -> N
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "2852039166", "0xa9fea9fe", "169.254.43518"])
 async def test_delivery_guard_checks_what_numeric_spellings_resolve_to(host: str) -> None:
-    resolver = GuardedResolver()
+    """Past the check on the URL, the connect-time guard sees the address libcurl reads."""
+    client = CurlClient(guard=refuse_address)
     try:
-        with pytest.raises(BlockedAddressError):
-            await resolver.resolve(host, 80)
+        with pytest.raises(CurlError) as refused:
+            await client.request("POST", f"http://{host}:9/", [], b"{}", 2.0)
+        assert refused.value.refused is not None, refused.value
     finally:
-        await resolver.close()
+        await client.close()
 
 
 async def test_unspecified_address_reaches_this_host_only_when_explicitly_allowed(

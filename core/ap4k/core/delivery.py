@@ -6,19 +6,19 @@ the same headers, signature, timeout, SSRF guard and classification of outcomes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-import aiohttp
+import pycurl
 from yarl import URL
 
 from ap4k.core import wire
+from ap4k.core.curl import CurlClient, CurlError
 from ap4k.core.retry import parse_retry_after
 from ap4k.core.signatures import legacy_signature, webhook_signature
-from ap4k.core.targets import BlockedAddressError, GuardedResolver, is_blocked_host
+from ap4k.core.targets import is_blocked_host, refuse_address
 
 log = logging.getLogger("ap4k.delivery")
 
@@ -126,53 +126,40 @@ def classify_status(status: int) -> Verdict:
 
 
 class Deliverer:
-    """Delivers messages over two keep-alive connection pools: a guarded one for ordinary
-    targets, and one without the link-local guard for targets a queue allows explicitly."""
+    """Delivers messages over two keep-alive connection pools (libcurl's, ap4k.core.curl): a
+    guarded one for ordinary targets, and one without the link-local guard for targets a
+    queue allows explicitly (a connection made for one is never reused for the other)."""
 
     def __init__(self, max_connections: int = 0) -> None:
         self._max_connections = max_connections
-        self._guarded: aiohttp.ClientSession | None = None
-        self._open: aiohttp.ClientSession | None = None
-        self._urls: dict[str, tuple[URL, bool]] = {}
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._guarded: CurlClient | None = None
+        self._open: CurlClient | None = None
+        self._urls: dict[str, tuple[str, str | None, bool]] = {}
 
-    def _session(self, guarded: bool) -> aiohttp.ClientSession:
+    def _client(self, guarded: bool) -> CurlClient:
         if guarded:
             if self._guarded is None:
-                self._guarded = self._new_session(GuardedResolver())
+                self._guarded = CurlClient(self._max_connections, guard=refuse_address)
             return self._guarded
         if self._open is None:
-            self._open = self._new_session(None)
+            self._open = CurlClient(self._max_connections)
         return self._open
 
-    def _new_session(self, resolver: GuardedResolver | None) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            limit_per_host=0,
-            resolver=resolver,
-            ttl_dns_cache=10,
-            enable_cleanup_closed=True,
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": USER_AGENT},
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",),
-        )
-
     async def close(self) -> None:
-        for session in (self._guarded, self._open):
-            if session is not None:
-                await session.close()
+        for client in (self._guarded, self._open):
+            if client is not None:
+                await client.close()
         self._guarded = self._open = None
 
-    def _parse(self, target: str) -> tuple[URL, bool]:
-        """The parsed URL and whether its host is a blocked address in any spelling or a
-        metadata name (cached: a queue's deliveries mostly go to a handful of targets)."""
+    def _parse(self, target: str) -> tuple[str, str | None, bool]:
+        """The URL as sent (IDNA-encoded, as the guard reads it), its host, and whether that
+        host is a blocked address in any spelling or a metadata name (cached: a queue's
+        deliveries mostly go to a handful of targets). ValueError if it is no URL."""
         hit = self._urls.get(target)
         if hit is None:
             url = URL(target)
-            hit = (url, is_blocked_host(url.raw_host or ""))
+            host = url.raw_host or ""
+            hit = (str(url), url.host, is_blocked_host(host))
             if len(self._urls) > 10_000:
                 self._urls.clear()
             self._urls[target] = hit
@@ -189,87 +176,67 @@ class Deliverer:
     async def _deliver(self, d: Delivery) -> Outcome:
         started = time.perf_counter()
         headers = {
-            "Content-Type": "application/json",
-            "Ap4k-Message-Id": str(d.id),
-            "Ap4k-Queue": d.queue,
-            "Ap4k-Attempt": str(d.attempt),
+            "user-agent": ("User-Agent", USER_AGENT),
+            "content-type": ("Content-Type", "application/json"),
+            "ap4k-message-id": ("Ap4k-Message-Id", str(d.id)),
+            "ap4k-queue": ("Ap4k-Queue", d.queue),
+            "ap4k-attempt": ("Ap4k-Attempt", str(d.attempt)),
         }
         if d.headers:
-            headers.update(d.headers)
+            headers.update({name.lower(): (name, value) for name, value in d.headers.items()})
         body = d.body or b""
         if d.webhook_keys or d.signing_secret:
             timestamp = int(time.time())
             if d.webhook_keys:
                 # The message id is the same on every attempt: the receiver's idempotency key.
                 msg_id = str(d.id)
-                headers["webhook-id"] = msg_id
-                headers["webhook-timestamp"] = str(timestamp)
-                headers["webhook-signature"] = webhook_signature(
-                    d.webhook_keys, msg_id, timestamp, body
-                )
+                signature = webhook_signature(d.webhook_keys, msg_id, timestamp, body)
+                headers["webhook-id"] = ("webhook-id", msg_id)
+                headers["webhook-timestamp"] = ("webhook-timestamp", str(timestamp))
+                headers["webhook-signature"] = ("webhook-signature", signature)
             if d.signing_secret:
-                headers["Ap4k-Timestamp"] = str(timestamp)
-                headers["Ap4k-Signature"] = legacy_signature(d.signing_secret, timestamp, body)
+                signature = legacy_signature(d.signing_secret, timestamp, body)
+                headers["ap4k-timestamp"] = ("Ap4k-Timestamp", str(timestamp))
+                headers["ap4k-signature"] = ("Ap4k-Signature", signature)
+        lines = [f"{name}: {value}".encode() for name, value in headers.values()]
         guarded = not d.explicitly_allowed
         try:
-            url, blocked = self._parse(d.target)
-            if guarded and blocked:
-                raise BlockedAddressError(
-                    f"{url.host} is a link-local, metadata or unspecified address"
-                )
-            timeout = self._timeouts.get(d.timeout_seconds)
-            if timeout is None:
-                timeout = self._timeouts[d.timeout_seconds] = aiohttp.ClientTimeout(
-                    total=d.timeout_seconds
-                )
-            async with self._session(guarded).request(
-                d.method,
-                url,
-                data=body if d.method not in ("GET", "HEAD") or body else None,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as response:
-                # Read the answer (so that the connection can be reused); keep its start only
-                # when it failed, for the attempt history.
-                answer = await response.read()
-                status = response.status
-                verdict = classify_status(status)
-                if verdict is Verdict.DELIVERED:
-                    return Outcome(verdict, status, None, None, time.perf_counter() - started)
-                error = f"HTTP {status} {response.reason or ''}".strip()
-                if 300 <= status < 400:
-                    error += " (redirects are not followed)"
-                retry_after = parse_retry_after(
-                    response.headers.get("Retry-After"), max_seconds=MAX_RETRY_AFTER_SECONDS
-                )
-                return Outcome(
-                    verdict,
-                    status,
-                    error,
-                    retry_after,
-                    time.perf_counter() - started,
-                    excerpt(answer),
-                )
-        except BlockedAddressError as exc:
-            return Outcome(
-                Verdict.FAIL, None, f"refused: {exc}", None, time.perf_counter() - started
+            url, host, blocked = self._parse(d.target)
+        except ValueError as exc:
+            return self._failed(f"invalid request: {exc}", started)
+        if guarded and blocked:
+            return self._failed(
+                f"refused: {host} is a link-local, metadata or unspecified address", started
             )
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, BlockedAddressError):
-                error = f"refused: {exc.os_error}"
-                return Outcome(Verdict.FAIL, None, error, None, time.perf_counter() - started)
+        try:
+            answer = await self._client(guarded).request(
+                d.method, url, lines, body, d.timeout_seconds
+            )
+        except CurlError as exc:
+            if exc.refused is not None:
+                return self._failed(f"refused: {exc.refused}", started)
+            if exc.timed_out:
+                return self._transient(f"timed out after {d.timeout_seconds:g}s", started)
+            if exc.code in (pycurl.E_URL_MALFORMAT, pycurl.E_UNSUPPORTED_PROTOCOL):
+                return self._failed(f"invalid request: {exc}", started)
             return self._transient(f"connection error: {exc}", started)
-        except TimeoutError:
-            return self._transient(f"timed out after {d.timeout_seconds:g}s", started)
-        except (aiohttp.ClientError, OSError) as exc:
-            return self._transient(f"{type(exc).__name__}: {exc}", started)
-        except asyncio.CancelledError:
-            raise
-        except ValueError as exc:  # an URL or header aiohttp will not send
-            return Outcome(
-                Verdict.FAIL, None, f"invalid request: {exc}", None, time.perf_counter() - started
-            )
+        status = answer.status
+        verdict = classify_status(status)
+        if verdict is Verdict.DELIVERED:
+            return Outcome(verdict, status, None, None, time.perf_counter() - started)
+        error = f"HTTP {status} {answer.reason}".strip()
+        if 300 <= status < 400:
+            error += " (redirects are not followed)"
+        retry_after = parse_retry_after(
+            answer.header("Retry-After"), max_seconds=MAX_RETRY_AFTER_SECONDS
+        )
+        return Outcome(
+            verdict, status, error, retry_after, time.perf_counter() - started, excerpt(answer.body)
+        )
+
+    @staticmethod
+    def _failed(error: str, started: float) -> Outcome:
+        return Outcome(Verdict.FAIL, None, error, None, time.perf_counter() - started)
 
     @staticmethod
     def _transient(error: str, started: float) -> Outcome:

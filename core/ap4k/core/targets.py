@@ -23,8 +23,6 @@ import socket
 from collections.abc import Sequence
 from urllib.parse import urljoin, urlsplit
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 BLOCKED_NETWORKS = (
@@ -74,7 +72,7 @@ def canonical_host(host: str) -> str:
 
 def is_blocked_address(address: str) -> bool:
     """Whether a host (a literal address in any spelling) is link-local, metadata or
-    unspecified; names are not resolved here (GuardedResolver checks what they resolve to)."""
+    unspecified; names are not resolved here (refuse_address checks what they resolve to)."""
     try:
         ip = ipaddress.ip_address(canonical_host(address))
     except ValueError:
@@ -145,29 +143,10 @@ def check_target(url: str, allowed_targets: Sequence[str]) -> bool:
     return explicit
 
 
-class BlockedAddressError(OSError):
-    """A name resolved only to link-local or metadata addresses."""
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, minus link-local and metadata addresses."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        if canonical_host(host) in BLOCKED_HOSTNAMES:
-            raise BlockedAddressError(f"{host} is a cloud-metadata name")
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if not is_blocked_address(r["host"])]
-        if not allowed:
-            raise BlockedAddressError(
-                f"{host} resolves only to link-local or metadata addresses: "
-                f"{sorted({r['host'] for r in results})}"
-            )
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
+def refuse_address(address: str) -> str | None:
+    """The guard at connect time, on each address a target's name resolved to, right before
+    a socket is opened to it: why it is refused (link-local, metadata or unspecified), or
+    None. Checked there and not on the name, a name cannot resolve its way past it."""
+    if is_blocked_address(address):
+        return f"{address} is a link-local, metadata or unspecified address"
+    return None

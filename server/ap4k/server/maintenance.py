@@ -104,8 +104,11 @@ class Maintenance:
                 log.exception("scheduler failed")
             if wait > 0:
                 self._scheduler_poke.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a
+                # cancellation that arrives as the poke does, and stop() would wait forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._scheduler_poke.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._scheduler_poke.wait()
 
     async def promote(self) -> int:
         queues = await self.store.promote_due()

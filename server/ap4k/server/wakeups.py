@@ -62,8 +62,11 @@ class Wakeups:
         """Until the next hint, or `timeout` seconds."""
         if self._future is None or self._future.done():
             self._future = asyncio.get_running_loop().create_future()
+        # asyncio.timeout, not wait_for (see Maintenance._scheduler): a cancellation that
+        # arrives with the hint must not be swallowed.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._future), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._future)
 
     async def run_notifier(self, store: Store) -> None:
         """Send the pending queue names as one NOTIFY; bursts coalesce while one is sent."""
