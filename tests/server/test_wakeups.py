@@ -10,7 +10,10 @@ from ap4k.server.queries import LISTENER_APPLICATION_NAME, WAKEUP_CHANNEL
 from ap4k.server.wakeups import LISTENERS_CHECK_SECONDS
 from ap4k_testkit import StartServer
 
-LISTENERS = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+# On this test's database: other tests' servers may still be connected to theirs.
+LISTENERS = """
+SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()
+"""
 
 
 async def wait_for_listeners(conn: asyncpg.Connection, n: int) -> None:
