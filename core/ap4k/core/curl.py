@@ -58,7 +58,7 @@ class CurlError(Exception):
 class Answer:
     status: int
     head: list[bytes]  # the header lines as received, status line first
-    body: bytes
+    body: bytes  # its first `keep_body_bytes` (CurlClient): the rest was read and dropped
 
     @property
     def reason(self) -> str:
@@ -78,17 +78,30 @@ class Answer:
 
 @dataclass(slots=True)
 class _Transfer:
+    keep_bytes: int
     head: list[bytes] = field(default_factory=list)
     body: list[bytes] = field(default_factory=list)
+    kept: int = 0
     refused: str | None = None
+
+    def write(self, chunk: bytes) -> None:
+        """Keep the body's first `keep_bytes`; read the rest and drop it, so an endless or
+        huge answer costs no memory and the connection stays reusable."""
+        if self.kept < self.keep_bytes:
+            chunk = chunk[: self.keep_bytes - self.kept]
+            self.body.append(chunk)
+            self.kept += len(chunk)
 
 
 class CurlClient:
     """Concurrent HTTP requests over one libcurl multi handle (one pool of keep-alive
     connections, at most `max_connections` open). Use from one event loop."""
 
-    def __init__(self, max_connections: int = 0, guard: Guard | None = None) -> None:
+    def __init__(
+        self, max_connections: int = 0, guard: Guard | None = None, keep_body_bytes: int = 65_536
+    ) -> None:
         self._guard = guard
+        self._keep_body_bytes = keep_body_bytes
         self._multi = pycurl.AsyncCurlMulti()
         if max_connections:
             self._multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, max_connections)
@@ -100,7 +113,7 @@ class CurlClient:
     ) -> Answer:
         """The answer, or CurlError. `headers`: `b"Name: value"` lines."""
         handle = self._idle.pop() if self._idle else self._new_handle()
-        transfer = _Transfer()
+        transfer = _Transfer(self._keep_body_bytes)
         handle.setopt(pycurl.URL, url)
         # No "Expect: 100-continue" round trip before a large body.
         handle.setopt(pycurl.HTTPHEADER, [*headers, b"Expect:"])
@@ -111,7 +124,7 @@ class CurlClient:
         else:
             handle.setopt(pycurl.POSTFIELDS, body or b"")
         handle.setopt(pycurl.HEADERFUNCTION, transfer.head.append)
-        handle.setopt(pycurl.WRITEFUNCTION, transfer.body.append)
+        handle.setopt(pycurl.WRITEFUNCTION, transfer.write)
         self._transfers[handle] = transfer
         try:
             await self._multi.perform(handle)

@@ -139,10 +139,12 @@ class Deliverer:
     def _client(self, guarded: bool) -> CurlClient:
         if guarded:
             if self._guarded is None:
-                self._guarded = CurlClient(self._max_connections, guard=refuse_address)
+                self._guarded = CurlClient(
+                    self._max_connections, guard=refuse_address, keep_body_bytes=EXCERPT_BYTES
+                )
             return self._guarded
         if self._open is None:
-            self._open = CurlClient(self._max_connections)
+            self._open = CurlClient(self._max_connections, keep_body_bytes=EXCERPT_BYTES)
         return self._open
 
     async def close(self) -> None:
