@@ -213,8 +213,9 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
                 failures += 1
                 delay = backoff.backoff(min(failures, 20))
                 log.warning("cannot open the outbox (%r); retrying in %.1fs", exc, delay)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                with contextlib.suppress(TimeoutError):  # not wait_for: see Forwarder._wait
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
         await stop.wait()
         log.info("stopping")
     finally:

@@ -389,8 +389,11 @@ class Forwarder:
             event.set()
 
     async def _wait(self, event: asyncio.Event, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # arrives together with the event (stop() sets it and cancels), and the loop goes on.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but return at once when the forwarder is told to stop."""
