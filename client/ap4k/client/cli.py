@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 from typing import Any
 
 from ap4k.core.config import add_flag
+from ap4k.core.waits import within
 
 
 def register(subparsers: Any) -> None:
@@ -213,9 +213,7 @@ async def _forward(args: argparse.Namespace, url: str) -> int:
                 failures += 1
                 delay = backoff.backoff(min(failures, 20))
                 log.warning("cannot open the outbox (%r); retrying in %.1fs", exc, delay)
-                with contextlib.suppress(TimeoutError):  # not wait_for: see Forwarder._wait
-                    async with asyncio.timeout(delay):
-                        await stop.wait()
+                await within(stop.wait(), delay)
         await stop.wait()
         log.info("stopping")
     finally:

@@ -35,6 +35,7 @@ import asyncpg
 from ap4k.client.async_client import AsyncClient
 from ap4k.client.errors import ApiError, ServerUnavailable
 from ap4k.core.retry import RetryPolicy
+from ap4k.core.waits import within
 from ap4k.outbox import metrics, schema, sql
 from ap4k.outbox.relay import Relay, Row
 
@@ -389,11 +390,7 @@ class Forwarder:
             event.set()
 
     async def _wait(self, event: asyncio.Event, timeout: float) -> None:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
-        # arrives together with the event (stop() sets it and cancels), and the loop goes on.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await event.wait()
+        await within(event.wait(), timeout)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but return at once when the forwarder is told to stop."""

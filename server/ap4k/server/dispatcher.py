@@ -18,6 +18,7 @@ import time
 
 from ap4k.core.delivery import Delivery, Outcome
 from ap4k.core.pool import DeliveryPool
+from ap4k.core.waits import within
 from ap4k.server import metrics
 from ap4k.server.leaser import MAX_LEASE_BATCH, Leaser
 from ap4k.server.outcomes import OutcomeRecorder, OutcomeReport
@@ -107,12 +108,9 @@ class DispatcherPool:
                 break
             await asyncio.sleep(0.01)
         await self.pool.give_back_late()
-        try:
-            # Shielded: giving up waiting must not cancel the outcomes' own futures.
-            await asyncio.wait_for(
-                asyncio.shield(self.recorder.drain()), max(deadline - time.monotonic(), 0.1)
-            )
-        except TimeoutError:
+        # Shielded: giving up waiting must not cancel the outcomes' own futures.
+        drain = asyncio.shield(self.recorder.drain())
+        if not await within(drain, max(deadline - time.monotonic(), 0.1)):
             log.warning("outcomes not all recorded by the drain deadline (their leases expire)")
         self._started = False
 

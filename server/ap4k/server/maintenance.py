@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from ap4k.core.waits import within
 from ap4k.server import metrics
 from ap4k.server.schedules import Scheduler
 from ap4k.server.store import DB_ERRORS, PRUNE_BATCH, RESCUE_BATCH, STATES, Store
@@ -104,11 +104,7 @@ class Maintenance:
                 log.exception("scheduler failed")
             if wait > 0:
                 self._scheduler_poke.clear()
-                # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a
-                # cancellation that arrives as the poke does, and stop() would wait forever.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._scheduler_poke.wait()
+                await within(self._scheduler_poke.wait(), wait)
 
     async def promote(self) -> int:
         queues = await self.store.promote_due()

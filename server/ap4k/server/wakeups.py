@@ -13,7 +13,6 @@ delays work, never loses it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 import asyncpg
 
+from ap4k.core.waits import within
 from ap4k.server.queries import LISTENER_APPLICATION_NAME, WAKEUP_CHANNEL
 from ap4k.server.store import DB_ERRORS, Store
 
@@ -62,11 +62,7 @@ class Wakeups:
         """Until the next hint, or `timeout` seconds."""
         if self._future is None or self._future.done():
             self._future = asyncio.get_running_loop().create_future()
-        # asyncio.timeout, not wait_for (see Maintenance._scheduler): a cancellation that
-        # arrives with the hint must not be swallowed.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._future)
+        await within(asyncio.shield(self._future), timeout)
 
     async def run_notifier(self, store: Store) -> None:
         """Send the pending queue names as one NOTIFY; bursts coalesce while one is sent."""
