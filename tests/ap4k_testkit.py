@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib.util
 import itertools
@@ -12,6 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -271,6 +273,47 @@ async def undelivering_server(database_url: str) -> AsyncIterator[Api]:
         await server.stop()
 
 
+# Every child process's log lives here: one directory per test run, so that runs side by side
+# never append to each other's logs.
+LOG_DIR = Path(tempfile.mkdtemp(prefix="ap4k-test-logs-"))
+# Every child process started, so that none outlives the run (a test that fails before its
+# cleanup would leave an `ap4k serve` running, and loading the machine, to the end).
+_children: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_children() -> None:
+    for child in _children:
+        if child.poll() is None:
+            child.kill()
+
+
+def spawn(
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """`ap4k ARGS…` as a child process, its output appended to `log`. It inherits the
+    environment without any AP4K_* variable (tests stay hermetic), plus `env`."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("AP4K_")}
+    with log.open("ab") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "ap4k.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**inherited, **(env or {})},
+            preexec_fn=preexec_fn,
+        )
+    _children.append(child)
+    return child
+
+
+def tail(log: Path | None) -> str:
+    """The end of a child's log, for an assertion's message."""
+    return log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+
+
 class ChildProcess:
     """An `ap4k` command run as a real child process, for tests that kill it."""
 
@@ -287,12 +330,22 @@ class ChildProcess:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
 
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`; safe to repeat."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class ServerProcess(ChildProcess):
-    """`ap4k serve` as a real child process, for tests that kill and restart it."""
+    """`ap4k serve` as a real child process, for tests that kill and restart it (on the
+    same port: `start()` again after `kill()` or `stop()`)."""
 
     def __init__(
         self,
@@ -301,6 +354,7 @@ class ServerProcess(ChildProcess):
         port: int | None = None,
         env: dict[str, str] | None = None,
         nofile: int | None = None,
+        log: Path | None = None,
     ) -> None:
         self.database_url = database_url
         self.nofile = nofile  # RLIMIT_NOFILE of the child, when a test needs it lowered
@@ -308,20 +362,15 @@ class ServerProcess(ChildProcess):
         self.port = port or free_port()
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(f"/tmp/ap4k-test-server-{self.port}.log")
+        self.log_path = log or LOG_DIR / f"server-{self.port}.log"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, timeout: float = 30.0) -> ServerProcess:
-        log = self.log_path.open("ab")
-        # Popen returns at once; the child runs on its own.
-        self.process = subprocess.Popen(  # noqa: ASYNC220
+    async def start(self, timeout: float = 60.0) -> ServerProcess:
+        self.process = spawn(
             [
-                sys.executable,
-                "-m",
-                "ap4k.cli",
                 "serve",
                 "--host",
                 "127.0.0.1",
@@ -331,12 +380,11 @@ class ServerProcess(ChildProcess):
                 self.database_url,
                 *self.args,
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
+            self.log_path,
+            self.env,
             preexec_fn=None if self.nofile is None else self._lower_nofile,
         )
-        await wait_ready(self.url + "/readyz", timeout, self.process)
+        await wait_ready(self.url + "/readyz", timeout, self.process, self.log_path)
         return self
 
     def _lower_nofile(self) -> None:
@@ -345,13 +393,17 @@ class ServerProcess(ChildProcess):
 
 
 async def wait_ready(
-    url: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+    url: str,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
 ) -> None:
+    """Until `url` answers 200 (or `process` exits: the error carries its `log`'s end)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while True:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"process exited with {process.returncode}")
+                raise RuntimeError(f"{url}: process exited with {process.returncode}\n{tail(log)}")
             try:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:
@@ -359,7 +411,7 @@ async def wait_ready(
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not ready within {timeout}s")
+                raise TimeoutError(f"{url} not ready within {timeout}s\n{tail(log)}")
             await asyncio.sleep(0.1)
 
 
@@ -391,17 +443,12 @@ class CarrierProcess(ChildProcess):
             *args,
         ]
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(f"/tmp/ap4k-test-carrier-{self.metrics_port}.log")
+        self.log_path = LOG_DIR / f"carrier-{self.metrics_port}.log"
 
     async def start(self, timeout: float = 30.0) -> CarrierProcess:
-        log = self.log_path.open("ab")
-        # Popen returns at once; the child runs on its own.
-        self.process = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "ap4k.cli", "carrier", *self.args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        await wait_ready(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout, self.process)
+        self.process = spawn(["carrier", *self.args], self.log_path)
+        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
+        await wait_ready(url, timeout, self.process, self.log_path)
         return self
 
     async def metric(self, name: str) -> float:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ap4k.client.bench_outbox import run_outbox_bench
-
-from .conftest import ServerProcess
+from ap4k_testkit import ServerProcess
 
 
 async def test_run_outbox_bench(server: ServerProcess, app_db: str) -> None:

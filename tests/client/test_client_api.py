@@ -20,8 +20,9 @@ from ap4k.client import (
     Unauthorized,
 )
 from ap4k.core.embedded_pg import free_port
+from ap4k_testkit import ServerProcess
 
-from .conftest import ServerFactory, ServerProcess, Target
+from .conftest import ServerFactory, Target
 
 FAST = RetryPolicy(attempts=4, min_backoff_seconds=0.01, max_backoff_seconds=0.1)
 

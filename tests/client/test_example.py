@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 
 from ap4k.core.embedded_pg import free_port
-from ap4k_testkit import serving
+from ap4k_testkit import ServerProcess, serving
 
-from .conftest import ServerProcess, Target
+from .conftest import Target
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "orders_app.py"
 

@@ -21,8 +21,9 @@ from ap4k import outbox
 from ap4k.client import AsyncClient, NewMessage
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
 from ap4k.outbox import Forwarder, sql
+from ap4k_testkit import ServerProcess, spawn, tail, wait_ready
 
-from .conftest import ServerFactory, ServerProcess, Target, spawn, tail, wait_ready
+from .conftest import ServerFactory, Target
 
 
 async def backlog(url: str) -> int:
@@ -375,7 +376,7 @@ async def test_cli_forwarder_exports_its_backlog(
         env,
     )
     try:
-        await wait_ready(f"http://127.0.0.1:{port}", 30, None, log)
+        await wait_ready(f"http://127.0.0.1:{port}/readyz", 30, None, log)
         deadline = time.monotonic() + 30
         async with aiohttp.ClientSession() as session:
             while True:
@@ -423,7 +424,7 @@ async def test_cli_forwarder_waits_for_its_database(
             conn = await asyncpg.connect(postgres.url)
             await conn.execute('CREATE DATABASE "late_app"')
             await conn.close()
-            await wait_ready(f"http://127.0.0.1:{port}", 30, process, log)
+            await wait_ready(f"http://127.0.0.1:{port}/readyz", 30, process, log)
         assert await backlog(url) == 0  # the table exists: the forwarder created it
     finally:
         process.terminate()
