@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -44,21 +45,27 @@ async def create_database(admin_url: str, prefix: str = "t") -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
-    """Serve `app` on 127.0.0.1, on `port` or a free one: (its runner, to clean up; the port)."""
+async def start_app(
+    app: web.Application, port: int = 0, tls: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` on 127.0.0.1, on `port` or a free one (over TLS with `tls`): (its runner,
+    to clean up; the port)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = port or free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
     return runner, port
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application, port: int = 0) -> AsyncIterator[str]:
-    """`app` served on 127.0.0.1 while in the block; yields its base URL."""
-    runner, port = await start_app(app, port)
+async def serving(
+    app: web.Application, port: int = 0, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """`app` served on 127.0.0.1 while in the block (over TLS with `tls`); yields its base
+    URL."""
+    runner, port = await start_app(app, port, tls)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 
