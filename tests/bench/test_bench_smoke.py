@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 BENCH = [sys.executable, "-m", "ap4k.cli", "bench"]
 
@@ -85,6 +86,27 @@ def test_quick_flow_stage_reports_leases_and_delivery_with_and_without_flow_limi
         matches = [f for name, f in figures.items() if name.startswith(prefix)]
         assert matches and matches[0]["value"] > 0, (prefix, sorted(figures))
     assert [s["name"] for s in report["stages"]] == ["flow"]
+
+
+def test_quick_soak_stage_delivers_every_message_and_reports_rss_over_time() -> None:
+    result = subprocess.run(
+        [*BENCH, "--quick", "--json", "--only", "soak", "--soak-seconds", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    figures = {f["name"]: f for f in report["figures"]}
+    warm, end = figures["soak: server RSS once warm"], figures["soak: server RSS after 3 s"]
+    assert warm["value"] > 0 and end["value"] > 0
+    assert end["bound"] == "soak: server RSS once warm" and end["target"] == "≤ 1.1 × bound"
+    assert end["ratio"] == pytest.approx(end["value"] / warm["value"])
+    # Every message sent was delivered (the stage waits for the sink to count them all).
+    delivered, sent = re.match(r"([\d,]+) of ([\d,]+) delivered", warm["note"]).groups()
+    assert delivered == sent and int(sent.replace(",", "")) > 0
+    assert [s["name"] for s in report["stages"]] == ["soak"]
 
 
 def test_only_refuses_an_unknown_stage_before_starting_anything() -> None:

@@ -75,8 +75,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--only",
         type=stage_list,
         default=None,
-        help="comma list of stages: raw,enqueue,delivery,latency,backlog,carriers,outbox,flow "
-        "(default: all but outbox and flow)",
+        help="comma list of stages: raw,enqueue,delivery,latency,backlog,carriers,outbox,flow,"
+        "soak (default: all but outbox, flow and soak)",
+    )
+    bench.add_argument(
+        "--soak-seconds", type=positive, default=600, help="soak: how long (default 600)"
+    )
+    bench.add_argument(
+        "--soak-rate", type=positive, default=500, help="soak: messages per second (default 500)"
     )
     bench.add_argument("--outbox", action="store_true", help="add the outbox stage")
     bench.add_argument(
@@ -109,6 +115,8 @@ def run_bench(args: argparse.Namespace) -> int:
         carrier_workers=args.carrier_workers,
         backlog=args.backlog,
         carriers=args.carriers,
+        soak_rate=args.soak_rate,
+        soak_seconds=float(args.soak_seconds),
         keep=args.keep or args.profile,
         profile=args.profile,
     ).scaled()

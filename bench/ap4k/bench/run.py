@@ -48,7 +48,9 @@ from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
 from ap4k.server import queries
 
 # The stages in the order they run; `--only` takes names from this list.
-STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers", "outbox", "flow")
+STAGES = (
+    "raw", "enqueue", "delivery", "latency", "backlog", "carriers", "outbox", "flow", "soak"
+)
 DEFAULT_STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers")
 PROGRESS_SECONDS = 3.0
 
@@ -68,6 +70,8 @@ class BenchOptions:
     backlog_measured: int = 100_000
     flow_backlog: int = 20_000
     flow_keys: int = 5_000
+    soak_rate: int = 500
+    soak_seconds: float = 600.0
     keep: bool = False
     profile: bool = False
 
@@ -82,6 +86,8 @@ class BenchOptions:
         self.backlog_measured = 2_000
         self.flow_backlog = 2_000
         self.flow_keys = 1_500
+        self.soak_rate = min(self.soak_rate, 200)
+        self.soak_seconds = min(self.soak_seconds, 4.0)
         return self
 
 
@@ -903,6 +909,61 @@ class Bench:
         await self.wait_idle()
         await self.clear()
 
+
+    async def stage_soak(self) -> None:
+        """A steady `soak_rate` of single-message POSTs for `soak_seconds`, every one
+        delivered to the sink: the server's RSS sampled throughout must stay flat (a leak in
+        a client library, a cache or a buffer shows here long before a pod is OOM-killed)."""
+        rate, seconds = self.o.soak_rate, self.o.soak_seconds
+        await self.sink_reset()
+        body = {"target": self.sink + "/deliver", "body": {"soak": True}}
+        sent = errors = 0
+        samples: list[tuple[float, float]] = []  # (seconds since start, server RSS MB)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def send() -> None:
+            nonlocal sent, errors
+            try:
+                await self.post("/v1/queues/bench-soak/messages", body)
+                sent += 1
+            except (RuntimeError, aiohttp.ClientError, OSError):
+                errors += 1
+
+        def state() -> str:
+            rss = f", server RSS {samples[-1][1]:.1f} MB" if samples else ""
+            return f"{sent:,} sent, {errors} errors{rss}"
+
+        started = time.perf_counter()
+        next_sample = 0.0
+        async with progress("soak", state):
+            issued = 0
+            while (elapsed := time.perf_counter() - started) < seconds:
+                while issued < int(elapsed * rate):  # open loop: the schedule, not the answers
+                    task = asyncio.create_task(send())
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    issued += 1
+                if elapsed >= next_sample:
+                    samples.append((elapsed, self.server_process.rss_bytes() / 2**20))
+                    next_sample += max(seconds / 60, 0.5)
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*pending)
+        deadline = time.monotonic() + 30
+        # polling another process
+        while (await self.sink_stats())["received"] < sent and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        received = (await self.sink_stats())["received"]
+        samples.append((time.perf_counter() - started, self.server_process.rss_bytes() / 2**20))
+        # Read against the RSS once warmed up (after the first tenth: pools, caches and the
+        # allocator's arenas fill first).
+        warm = [rss for at, rss in samples if at >= seconds / 10] or [samples[-1][1]]
+        note = f"{received:,} of {sent:,} delivered, {errors} enqueue errors, {rate}/s"
+        start = self.figure("soak: server RSS once warm", warm[0], "MB", note)
+        end = self.figure(f"soak: server RSS after {seconds:.0f} s", samples[-1][1], "MB")
+        at_most(end, 1.1, ratio_to=start)
+        self.figure("soak: server peak RSS", max(rss for _, rss in samples), "MB")
+        await self.wait_idle()
+        await self.clear()
     @contextlib.asynccontextmanager
     async def profiled(self, stage: str) -> AsyncIterator[None]:
         """With --profile: py-spy records the server (and its workers) through the stage, as
@@ -979,6 +1040,8 @@ class Bench:
                         await self.stage_outbox()
                     elif stage == "flow":
                         await self.stage_flow()
+                    elif stage == "soak":
+                        await self.stage_soak()
                 report.seconds = round(time.perf_counter() - started, 1)
                 report.peak_rss_mb = self.monitor.take_peaks() or report.peak_rss_mb
                 report.load_average = load_average()
