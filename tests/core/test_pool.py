@@ -184,3 +184,40 @@ async def test_fast_deliveries_are_leased_in_large_batches_slow_ones_not(target:
     await asyncio.sleep(2 * RATE_WINDOW_SECONDS + 0.5)
     await pool.stop(time.monotonic() + 2)
     assert max(slow.rooms) <= 2 * 4
+
+
+async def test_the_pool_leases_again_before_its_workers_run_dry() -> None:
+    """A lease takes a round trip: the pool asks for more once half of what it holds ahead
+    has gone to the workers, so that those finishing meanwhile find a message waiting."""
+    permits: asyncio.Queue[None] = asyncio.Queue()
+
+    async def one_at_a_time(_request: web.Request) -> web.Response:
+        await permits.get()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/", one_at_a_time)
+    async with serving(app) as url:
+        owner = Owner(url, 100)
+        waiting_at_lease: list[int] = []
+
+        async def watched_lease(room: int) -> list[Delivery]:
+            waiting_at_lease.append(pool.outstanding - pool.in_flight)
+            return await owner.lease(room)
+
+        pool = DeliveryPool(size=2, lease_seconds=30.0, lease=watched_lease,  # two ahead
+                            report=owner.report, release=owner.release, extend=owner.extend)
+        pool.start()
+        try:
+            await wait_until(lambda: pool.in_flight == 2 and len(waiting_at_lease) == 1)
+            assert owner.rooms == [4]
+            permits.put_nowait(None)  # one delivery ends: one of the two ahead starts
+            await wait_until(lambda: len(owner.rooms) == 2)
+            assert waiting_at_lease[1] == 1  # leased while a message still waited
+            assert owner.rooms[1] == 1
+        finally:
+            for _ in range(200):
+                permits.put_nowait(None)
+        await wait_until(lambda: len(owner.reported) == 100)
+        await pool.stop(time.monotonic() + 5)
+    assert {o.verdict for o in owner.reported.values()} == {Verdict.DELIVERED}

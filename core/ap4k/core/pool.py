@@ -9,10 +9,13 @@ a long poll of `/v1/leases` for a carrier) and how it reports outcomes and gives
 (an outcome recorder, or acks over HTTP). Everything else lives here, once:
 
 - the lease loop keeps messages leased ahead of the workers, so that a worker that finishes
-  finds its next message waiting: one batch's worth (`size`), or, for an owner whose lease
-  call is a network round trip (a carrier), about `AHEAD_SECONDS` of deliveries at the
-  recent rate, up to `max_ahead`: under a backlog, fast deliveries then come in large lease
-  batches (few lease calls), while slow ones do not hoard messages others could deliver;
+  finds its next message waiting: about `AHEAD_SECONDS` of deliveries at the recent rate,
+  at least one batch's worth (`size`) and at most `max_ahead`: under a backlog, fast
+  deliveries then come in large lease batches (few lease calls), while slow ones do not
+  hoard messages others could deliver. It leases again once half of what it holds ahead
+  has gone to the workers, not once all of it has: a lease takes a round trip (a statement,
+  or an HTTP call for a carrier), and the workers that finish meanwhile must not wait for
+  it (docs/performance.md, "The delivery path: workers waiting on the lease loop");
 - a heartbeat renews the leases held for more than half their duration (slow deliveries and
   messages still waiting for a worker), so leases can be short: a process that dies stops
   renewing, and its messages are handed out again within about one lease;
@@ -89,6 +92,7 @@ class DeliveryPool:
         self._ready: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._outstanding = 0  # leased and not yet delivered
         self._capacity = asyncio.Event()
+        self._refill_at = size  # the lease loop leases again once `outstanding` falls to this
         # Every lease held and not yet reported (or settled): id -> (delivery, renewed at).
         self._held: dict[int, tuple[Delivery, float]] = {}
         self._in_flight: dict[int, Delivery] = {}
@@ -220,12 +224,14 @@ class DeliveryPool:
 
     async def _lease_loop(self) -> None:
         while not self._stopping:
-            if self._outstanding > self.size:  # a batch's worth ahead in hand: wait for room
+            ahead = self._ahead()
+            self._refill_at = self.size + ahead // 2
+            if self._outstanding > self._refill_at:  # enough ahead in hand: wait for room
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
             try:
-                leased = await self._lease(self.room)
+                leased = await self._lease(self.size + ahead - self._outstanding)
             except Exception:  # a bug in the owner's lease must not stop delivery for good
                 log.exception("leasing failed unexpectedly")
                 await asyncio.sleep(1.0)
@@ -266,7 +272,7 @@ class DeliveryPool:
                 self._in_flight.pop(delivery.id, None)
             self._outstanding -= 1
             self._delivered += 1
-            if self._outstanding <= self.size:  # wake the lease loop only when it can act
+            if self._outstanding <= self._refill_at:  # wake the lease loop only when it acts
                 self._capacity.set()
             if not self._hold_until_settled:
                 self._held.pop(delivery.id, None)

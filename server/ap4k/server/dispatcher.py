@@ -3,9 +3,10 @@
     leaser ──lease batch (SKIP LOCKED)──▶ ready buffer ──▶ N workers ──HTTP──▶ targets
                                                              └──outcome──▶ OutcomeRecorder
 
-The pool keeps up to two batches' worth of messages leased ahead of the workers; the lease
-statement takes batches that grow with the backlog (1 message when the queue is short, for
-latency; up to 100 under load, for throughput: docs/performance.md, trap 3).
+The pool keeps messages leased ahead of the workers (up to LEASE_AHEAD_BATCHES times their
+number); the lease statement takes batches that grow with the backlog (1 message when the
+queue is short, for latency; up to 100 under load, for throughput: docs/performance.md,
+trap 3).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ log = logging.getLogger("ap4k.dispatcher")
 POLL_SECONDS = 1.0
 # Of the drain's budget, what is kept for writing the last outcomes and giving leases back.
 RECORD_RESERVE_SECONDS = 2.0
+# At most this many times the dispatchers leased ahead of them (ap4k.core.pool): a lease
+# statement takes 2-7 ms on a busy machine, while 32 dispatchers deliver 10,000-16,000 a
+# second; with one message per dispatcher ahead, they spent a third of their time waiting
+# for the next lease (docs/performance.md, "The delivery path").
+LEASE_AHEAD_BATCHES = 4
 
 
 def worker_identity(kind: str) -> str:
@@ -70,6 +76,7 @@ class DispatcherPool:
             report=self._report,
             release=self._release,
             extend=self._extend,
+            max_ahead=LEASE_AHEAD_BATCHES * size,
             name="ap4k-dispatcher",
         )
         self._reserved = 0  # places promised to enqueues in flight (direct hand-off)
