@@ -6,7 +6,8 @@ bound it is read against, measured in the same run (the machine's speed moves 2-
 load, so only such ratios mean anything), with the issue's target and a met/missed mark:
 
 - bounds: bare one-row INSERT commits, bare 100-row INSERTs, bare lease + complete, and one
-  process of bare aiohttp POSTs to the sink;
+  process of bare client POSTs to the sink, once with aiohttp and once with libcurl (pycurl's
+  multi interface, the client ap4k delivers with): deliveries are read against the faster;
 - enqueue: single-message POSTs at concurrency 64, and batches of 100;
 - delivery to the sink from an empty start (messages enqueued to a paused queue, then released
   at once), with the CPU-seconds the server spent per 1,000 messages;
@@ -43,6 +44,7 @@ import aiohttp
 import asyncpg
 import orjson
 import psutil
+import pycurl
 
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
 from ap4k.server import queries
@@ -506,6 +508,7 @@ class Bench:
                 "insert_100": lambda: self.bare_insert(100, 8),
                 "lease": self.bare_lease_and_complete,
                 "http": self.bare_http,
+                "curl": self.bare_curl,
             }[key]
             self.bounds[key] = await measure()
         return self.bounds[key]
@@ -581,7 +584,7 @@ class Bench:
     async def bare_http(self) -> Figure:
         """A bare aiohttp POST loop from this process to the sink: what one Python HTTP client
         does on this machine right now (docs/performance.md: 17,000-18,000/s with uvloop on an
-        idle machine). The delivery figures are read against it."""
+        idle machine). The delivery figures are read against the faster of it and bare_curl."""
         url = self.sink + "/deliver"
         body = b'{"bench":true}'
         headers = {"Content-Type": "application/json"}
@@ -599,10 +602,51 @@ class Bench:
             short="bare aiohttp POSTs",
         )
 
+    async def bare_curl(self) -> Figure:
+        """The same loop with libcurl (pycurl's multi interface on this event loop, one
+        handle per concurrent request, reused): the HTTP client the deliveries go out
+        through, without any of ap4k's code around it."""
+        url = self.sink + "/deliver"
+        body = b'{"bench":true}'
+        multi = pycurl.AsyncCurlMulti()
+        idle: list[pycurl.Curl] = []
+
+        def discard(_chunk: bytes) -> None:
+            return None
+
+        async def one() -> int:
+            handle = idle.pop() if idle else pycurl.Curl()
+            handle.setopt(pycurl.URL, url)
+            handle.setopt(pycurl.POSTFIELDS, body)
+            handle.setopt(pycurl.HTTPHEADER, [b"Content-Type: application/json"])
+            handle.setopt(pycurl.WRITEFUNCTION, discard)
+            await multi.perform(handle)
+            handle.getinfo(pycurl.RESPONSE_CODE)
+            idle.append(handle)
+            return 1
+
+        try:
+            rate = await self.timed_loop("bare libcurl POSTs", self.o.seconds, 32, one)
+        finally:
+            await multi.aclose()
+            for handle in idle:
+                handle.close()
+        return self.figure(
+            "bound: bare libcurl POSTs to the sink, 1 process",
+            rate,
+            "req/s",
+            short="bare libcurl POSTs",
+        )
+
+    async def client_bound(self) -> Figure:
+        """The faster of the two bare clients, which the delivery figures are read against."""
+        aiohttp_bound, curl_bound = await self.bound("http"), await self.bound("curl")
+        return max(aiohttp_bound, curl_bound, key=lambda f: f.value)
+
     # -- stages -------------------------------------------------------------------------------
 
     async def stage_raw(self) -> None:
-        for key in ("insert_1", "insert_100", "lease", "http"):
+        for key in ("insert_1", "insert_100", "lease", "http", "curl"):
             await self.bound(key)
 
     async def stage_enqueue(self) -> None:
@@ -666,11 +710,12 @@ class Bench:
         return rate, cpu
 
     async def stage_delivery(self) -> Figure:
-        http = await self.bound("http")
+        client = await self.client_bound()
         rate, cpu = await self.delivery("delivery", [self.server_process])
         name = f"delivery: empty start, {self.o.dispatchers} dispatchers"
-        empty = self.figure(name, rate, "msg/s", short="server-only, empty start")
-        versus(empty, http, 0.8)
+        note = f"bound: the faster bare client ({client.short.removeprefix('bare ')})"
+        empty = self.figure(name, rate, "msg/s", note, short="server-only, empty start")
+        versus(empty, client, 0.8)
         self.cpu_dispatchers = self.figure(
             "CPU per 1,000 delivered: server dispatchers",
             sum(cpu.values()),
