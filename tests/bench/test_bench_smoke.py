@@ -31,6 +31,7 @@ def test_quick_bench_reports_every_figure_beside_its_bound() -> None:
     expected = [
         ("bound: bare INSERT, 1 row/commit", "", False),
         ("bound: bare INSERT, 100 rows/commit", "", False),
+        ("reference: ap4k's INSERT, 100 rows/commit", "bare 100-row INSERTs", False),
         ("bound: bare lease + complete", "", False),
         ("bound: bare aiohttp POSTs", "", False),
         ("bound: bare libcurl POSTs", "", False),

@@ -46,8 +46,10 @@ import orjson
 import psutil
 import pycurl
 
+from ap4k.core import wire
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
 from ap4k.server import queries
+from ap4k.server.store import EnqueueRow, enqueue_document
 
 # The stages in the order they run; `--only` takes names from this list.
 STAGES = (
@@ -506,6 +508,7 @@ class Bench:
             measure = {
                 "insert_1": lambda: self.bare_insert(1, 16),
                 "insert_100": lambda: self.bare_insert(100, 8),
+                "enqueue_100": lambda: self.bare_enqueue_statement(100, 8),
                 "lease": self.bare_lease_and_complete,
                 "http": self.bare_http,
                 "curl": self.bare_curl,
@@ -555,6 +558,43 @@ class Bench:
             rate,
             "rows/s",
             short=f"bare {rows}-row INSERTs",
+        )
+
+    async def bare_enqueue_statement(self, rows: int, connections: int) -> Figure:
+        """The Inserter's own statement (queries.ENQUEUE_NEW, one JSON document) with `rows`
+        messages per commit into ap4k_messages, from `connections` asyncpg connections: no
+        HTTP, no server. Beside the bare 100-row INSERTs it shows PostgreSQL's share of a
+        batch enqueue: what ap4k's row costs over the bound's three-column one."""
+        message = wire.MessageIn(self.sink + "/deliver", {"bench": True})
+        message.timeout_seconds = wire.DEFAULT_TIMEOUT_SECONDS  # as validation fills it in
+        row = EnqueueRow("bench-statement", message, message.url, b'{"bench":true}')
+        document = enqueue_document([row] * rows)
+        await self.put_queue("bench-statement", paused=True)
+        pool = await asyncpg.create_pool(
+            self.database_url, min_size=connections, max_size=connections
+        )
+        assert pool is not None
+        try:
+
+            async def insert() -> int:
+                async with pool.acquire() as conn:
+                    await conn.fetch(queries.ENQUEUE_NEW, document, 30.0)
+                return rows
+
+            label = f"enqueue statement ×{rows}"
+            rate = await self.timed_loop(label, self.o.seconds, connections, insert)
+        finally:
+            await pool.close()
+        await self.conn.execute("DELETE FROM ap4k_messages WHERE queue = 'bench-statement'")
+        # PostgreSQL's share of a batch enqueue, read against the bound of the same rows.
+        return versus(
+            self.figure(
+                f"reference: ap4k's INSERT, {rows} rows/commit ({connections} conns)",
+                rate,
+                "rows/s",
+                "into ap4k_messages, no HTTP",
+            ),
+            await self.bound("insert_100"),
         )
 
     async def bare_lease_and_complete(self) -> Figure:
@@ -646,11 +686,12 @@ class Bench:
     # -- stages -------------------------------------------------------------------------------
 
     async def stage_raw(self) -> None:
-        for key in ("insert_1", "insert_100", "lease", "http", "curl"):
+        for key in ("insert_1", "insert_100", "enqueue_100", "lease", "http", "curl"):
             await self.bound(key)
 
     async def stage_enqueue(self) -> None:
         insert_1, insert_100 = await self.bound("insert_1"), await self.bound("insert_100")
+        statement = await self.bound("enqueue_100")
         await self.put_queue("bench-enqueue", paused=True)
         single_message = {"target": self.sink + "/deliver", "body": {"bench": True}}
 
@@ -667,7 +708,11 @@ class Bench:
             return 100
 
         rate = await self.timed_loop("batch enqueue", self.o.seconds, 8, hundred)
-        versus(self.figure("enqueue: batches of 100, conc 8", rate, "msg/s"), insert_100, 0.6)
+        batches = versus(
+            self.figure("enqueue: batches of 100, conc 8", rate, "msg/s"), insert_100, 0.6
+        )
+        if statement.ratio is not None:
+            batches.note = f"its INSERT alone {statement.ratio:.2f} × bound"
         await self.clear()
 
     async def drain_rate(self, queue: str, count: int, measured: int | None = None) -> float:

@@ -155,14 +155,17 @@ def _services(request: web.Request) -> Services:
 
 async def _body(request: web.Request, *, optional: bool = False) -> bytes | None:
     try:
-        async with asyncio.timeout(request.app[BODY_TIMEOUT_SECONDS]):
+        if request.content.is_eof():  # all here already (most bodies): nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(request.app[BODY_TIMEOUT_SECONDS]):
+                raw = await request.read()
     except TimeoutError:
         seconds = request.app[BODY_TIMEOUT_SECONDS]
         raise ApiError(
             408, "request_timeout", f"the request body did not arrive within {seconds:g} s"
         ) from None
-    if not raw.strip():
+    if not raw or raw.isspace():  # not strip(): that copies a whole batch
         if optional:
             return None
         raise ApiError(400, "malformed_json", "request body is empty; JSON expected")
@@ -292,28 +295,20 @@ async def enqueue(request: web.Request) -> web.Response:
                 failure_callback=callbacks[i][1],
             )
         )
+    inserting = services.inserter.submit(rows)
     if dispatchers is None:
-        results = await services.inserter.insert(rows)
+        results = await inserting
     else:
-        give = functools.partial(
-            _hand_off, dispatchers, settings, queue, messages, rows, targets, handed, direct
-        )
-        inserting = asyncio.ensure_future(services.inserter.insert(rows))
-        try:
-            results = await asyncio.shield(inserting)
-        except asyncio.CancelledError:
-            # Cancelled (at shutdown) while the INSERT may still commit: the rows leased to
-            # our dispatchers must still reach them (or be given back), not sit out a lease.
-            inserting.add_done_callback(
-                lambda done: give(
-                    None if done.cancelled() or done.exception() else done.result()
-                )
+        # The hand-off runs when the statement ends, whatever happens to this request: a
+        # request cancelled (at shutdown) while its INSERT may still commit must still get
+        # the rows leased to our dispatchers to them (or give the places back), rather
+        # than leave them to sit out a lease.
+        inserting.add_done_callback(
+            functools.partial(
+                _hand_off, dispatchers, settings, queue, messages, rows, targets, handed, direct
             )
-            raise
-        except BaseException:
-            give(None)
-            raise
-        give(results)
+        )
+        results = await asyncio.shield(inserting)
     items = [wire.Enqueued(str(i), s, d) for i, s, d in results]
     return json_response(wire.BatchEnqueued(items) if is_batch else items[0], 202)
 
@@ -327,10 +322,13 @@ def _hand_off(
     targets: list[tuple[str, bool]],
     handed: list[int],
     direct: int,
-    results: list[tuple[int, str, bool]] | None,
+    inserted: asyncio.Future[list[tuple[int, str, bool]]],
 ) -> None:
     """Give the messages inserted leased to our dispatchers (`handed`, out of the `direct`
-    places reserved) to them; `results` None: the INSERT failed, return the places."""
+    places reserved) to them, once `inserted` is done; the INSERT failed: return the places."""
+    results = (
+        None if inserted.cancelled() or inserted.exception() is not None else inserted.result()
+    )
     taken = 0
     created_at = time.time()
     for i in handed if results is not None else ():

@@ -36,22 +36,29 @@ class Inserter:
         self._pending: list[Pending] = []
         self._unanswered: set[asyncio.Future[Results]] = set()  # waiting or being written
         self._flushers = 0
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def drain(self) -> None:
         """Until every insert requested so far is committed or has failed."""
         await asyncio.gather(*self._unanswered, return_exceptions=True)
 
     async def insert(self, rows: Sequence[EnqueueRow]) -> list[tuple[int, str, bool]]:
-        future: asyncio.Future[list[tuple[int, str, bool]]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        return await self.submit(rows)
+
+    def submit(self, rows: Sequence[EnqueueRow]) -> asyncio.Future[Results]:
+        """The future of the rows' results, set once the statement holding them committed
+        (a future, not a coroutine: the enqueue route needs no task of its own per request)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Results] = loop.create_future()
         self._pending.append((rows, future))
         self._unanswered.add(future)
         future.add_done_callback(self._unanswered.discard)
         if self._flushers < self._concurrency:
             self._flushers += 1
-            asyncio.get_running_loop().create_task(self._flush())
-        return await future
+            flusher = loop.create_task(self._flush())
+            self._flushing.add(flusher)  # the loop holds tasks only weakly
+            flusher.add_done_callback(self._flushing.discard)
+        return future
 
     async def _flush(self) -> None:
         try:
