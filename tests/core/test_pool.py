@@ -221,3 +221,26 @@ async def test_the_pool_leases_again_before_its_workers_run_dry() -> None:
         await wait_until(lambda: len(owner.reported) == 100)
         await pool.stop(time.monotonic() + 5)
     assert {o.verdict for o in owner.reported.values()} == {Verdict.DELIVERED}
+
+
+async def test_a_backlog_after_a_quiet_spell_is_leased_ahead_without_waiting_a_second(
+    target: str,
+) -> None:
+    """The recent rate is measured over the last second or, sooner, over the last
+    `max_ahead` deliveries: a backlog released into an idle pool is leased ahead at its own
+    pace after that many deliveries, not after a whole rate window of small leases."""
+    owner = Owner(target, 2_000)
+    delivered_at_lease: list[tuple[int, int]] = []  # (room asked, delivered by then)
+
+    async def watched_lease(room: int) -> list[Delivery]:
+        delivered_at_lease.append((room, len(owner.reported)))
+        return await owner.lease(room)
+
+    pool = DeliveryPool(size=4, lease_seconds=30.0, lease=watched_lease, report=owner.report,
+                        release=owner.release, extend=owner.extend, max_ahead=64)
+    pool.start()
+    await wait_until(lambda: len(owner.reported) >= 500)
+    await pool.stop(time.monotonic() + 5)
+    first_large = next((d for room, d in delivered_at_lease if room > 2 * 4), None)
+    assert first_large is not None, delivered_at_lease
+    assert first_large <= 64 + 2 * 4

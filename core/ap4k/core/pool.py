@@ -131,8 +131,11 @@ class DeliveryPool:
             return self.size
         now = time.monotonic()
         elapsed = now - self._rate_since
-        if elapsed >= RATE_WINDOW_SECONDS:
-            self._rate = (self._delivered - self._rate_count) / elapsed
+        counted = self._delivered - self._rate_count
+        # Over the last second, or sooner once `max_ahead` deliveries were made: a backlog
+        # released after a quiet spell is leased ahead at its own pace within milliseconds.
+        if elapsed >= RATE_WINDOW_SECONDS or (counted >= self.max_ahead and elapsed > 0):
+            self._rate = counted / elapsed
             self._rate_since, self._rate_count = now, self._delivered
         return min(max(self.size, int(self._rate * AHEAD_SECONDS)), self.max_ahead)
 
