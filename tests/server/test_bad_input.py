@@ -13,9 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
+import orjson
 import pytest
 
+from ap4k.core import wire
 from ap4k.core.embedded_pg import EmbeddedPostgres
+from ap4k.server import validation
+from ap4k.server.errors import ApiError
 from ap4k.server.validation import parse_id
 from ap4k_testkit import (
     Api,
@@ -210,6 +215,29 @@ CASES = [
         "batch-one-bad-target",
         {"messages": [msg(), msg(target="http://169.254.169.254/"), msg()]},
         "messages[1].target",
+        "target_not_allowed",
+    ),
+    enqueue(
+        "batch-one-target-with-controls",
+        {"messages": [msg(), msg(target="http://a/\x01"), msg()]},
+        "messages[1].target",
+    ),
+    enqueue(
+        "batch-one-callback-with-controls",
+        {"messages": [msg(), msg(callback="http://b/\x7f")]},
+        "messages[1].callback",
+    ),
+    enqueue("failure-callback-crlf", msg(failure_callback="http://b/\r\nX: 1"), "failure_callback"),
+    enqueue(
+        "batch-one-callback-not-allowed",
+        {"messages": [msg(), msg(), msg(callback="http://169.254.169.254/")]},
+        "messages[2].callback",
+        "target_not_allowed",
+    ),
+    enqueue(
+        "batch-one-failure-callback-not-allowed",
+        {"messages": [msg(), msg(failure_callback="http://[fe80::1]/"), msg()]},
+        "messages[1].failure_callback",
         "target_not_allowed",
     ),
     # -- targets the queue may not reach
@@ -924,6 +952,29 @@ async def test_api_token_guards_every_v1_call(start_server: StartServer, databas
     assert [q["name"] for q in (await api.ok("GET", "/v1/queues"))["queues"]] == ["locked"]
     leased = await api.ok("POST", "/v1/leases", {"carrier": "c", "wait_seconds": 0})
     assert len(leased["messages"]) == 1
+
+
+@pytest.mark.parametrize("field", ["target", "callback", "failure_callback"])
+@pytest.mark.parametrize("text", ["http://a/\x00", "http://a/x\r\nX: 1", "http://a/\x7f", "/\t"])
+def test_urls_with_controls_are_refused_in_msgspecs_words(field: str, text: str) -> None:
+    """The enqueue route checks its URL fields' pattern once per distinct string rather than
+    in msgspec's decoding (validation._DecodedMessage): the refusal is the one msgspec gives
+    for the declared wire.MessageIn, word for word, alone and in a batch."""
+    message = {"target": "http://a/", field: text}
+    try:
+        msgspec.json.decode(orjson.dumps(message), type=wire.MessageIn)
+    except msgspec.ValidationError as exc:
+        declared = validation.refusal(exc).body()
+    else:
+        raise AssertionError("the wire type accepted it")
+    batch = {"messages": [{"target": "http://a/"}, message]}
+    for body, prefix in ((message, ""), (batch, "messages[1].")):
+        with pytest.raises(ApiError) as refused:
+            validation.parse_enqueue(orjson.dumps(body))
+        error = refused.value.body().error
+        assert error.code == declared.error.code == "invalid_field"
+        assert error.field == prefix + field
+        assert error.message == prefix + declared.error.message
 
 
 def test_parse_id_takes_ascii_digits_only() -> None:

@@ -52,6 +52,7 @@ from ap4k.server.validation import (
     parse_enqueue,
     parse_id,
     parse_settings,
+    too_deep,
 )
 from ap4k.server.wakeups import SETTINGS_CHANNEL, Wakeups
 
@@ -249,6 +250,41 @@ def checked_callbacks(
 
 
 
+def _resolved(
+    directory: QueueDirectory,
+    settings: QueueSettings,
+    messages: list[wire.MessageIn],
+    is_batch: bool,
+) -> tuple[list[tuple[str, bool]], list[tuple[str | None, str | None]], list[bytes | None]]:
+    """Each message's target and callbacks, absolute and checked (the directory caches
+    each distinct target's verdict), and its body as stored; a 400 naming the field.
+    Field names are spelt out only for an error: a batch holds up to a thousand."""
+    targets = []
+    callbacks: list[tuple[str | None, str | None]] = []
+    bodies = []
+    name = "target"
+    try:
+        for m in messages:
+            name = "target"
+            targets.append(directory.target(settings, m.url))
+            if m.callback is None and m.failure_callback is None:
+                callbacks.append((None, None))
+            else:
+                name = "callback"
+                callback = directory.callback(settings, m.callback)
+                name = "failure_callback"
+                callbacks.append((callback, directory.callback(settings, m.failure_callback)))
+            name = "body"
+            bodies.append(encode_body(m))
+    except TargetError as exc:
+        # The message at fault is the first whose body is not in yet.
+        field = f"messages[{len(bodies)}].{name}" if is_batch else name
+        raise ApiError(400, "target_not_allowed", str(exc), field) from None
+    except ApiError:  # encode_body's only refusal: a body nested too deep to encode
+        raise too_deep(f"messages[{len(bodies)}].body" if is_batch else "body") from None
+    return targets, callbacks, bodies
+
+
 async def enqueue(request: web.Request) -> web.Response:
     services = _services(request)
     queue = check_queue_name(request.match_info["queue"])
@@ -256,14 +292,7 @@ async def enqueue(request: web.Request) -> web.Response:
     settings = await services.directory.get(queue, create=False)
     exists = settings is not None
     settings = settings or default_settings(queue)
-    targets = []
-    bodies = []
-    callbacks: list[tuple[str | None, str | None]] = []
-    for i, m in enumerate(messages):
-        prefix = f"messages[{i}]." if is_batch else ""
-        targets.append(checked_target(services.directory, settings, m.url, prefix + "target"))
-        callbacks.append(checked_callbacks(services.directory, settings, m, prefix))
-        bodies.append(encode_body(m, prefix + "body"))
+    targets, callbacks, bodies = _resolved(services.directory, settings, messages, is_batch)
     if not exists:
         await services.store.ensure_queues([queue])
         services.directory.invalidate(queue)
