@@ -633,6 +633,8 @@ class Bench:
         async def one() -> int:
             async with self.http.post(url, data=body, headers=headers) as response:
                 await response.read()
+            if response.status != 200:  # a bound counts answered requests only
+                raise RuntimeError(f"the sink answered {response.status}")
             return 1
 
         rate = await self.timed_loop("bare POSTs", self.o.seconds, 32, one)
@@ -662,7 +664,9 @@ class Bench:
             handle.setopt(pycurl.HTTPHEADER, [b"Content-Type: application/json"])
             handle.setopt(pycurl.WRITEFUNCTION, discard)
             await multi.perform(handle)
-            handle.getinfo(pycurl.RESPONSE_CODE)
+            status = handle.getinfo(pycurl.RESPONSE_CODE)
+            if status != 200:
+                raise RuntimeError(f"the sink answered {status}")
             idle.append(handle)
             return 1
 
