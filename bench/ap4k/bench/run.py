@@ -8,7 +8,9 @@ load, so only such ratios mean anything), with the issue's target and a met/miss
 - bounds: bare one-row INSERT commits, bare 100-row INSERTs, bare lease + complete, and one
   process of bare client POSTs to the sink, once with aiohttp and once with libcurl (pycurl's
   multi interface, the client ap4k delivers with): deliveries are read against the faster;
-- enqueue: single-message POSTs at concurrency 64, and batches of 100;
+- enqueue: single-message POSTs at concurrency 64, and batches of 100 (sent with libcurl),
+  and as a reference beside the 100-row bound ap4k's own enqueue statement with 100 rows
+  straight from asyncpg: PostgreSQL's share of a batch enqueue;
 - delivery to the sink from an empty start (messages enqueued to a paused queue, then released
   at once), with the CPU-seconds the server spent per 1,000 messages;
 - end-to-end latency p50/p99 at a fixed offered load of 1,000 msg/s (open loop);
