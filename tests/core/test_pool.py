@@ -244,3 +244,30 @@ async def test_a_backlog_after_a_quiet_spell_is_leased_ahead_without_waiting_a_s
     first_large = next((d for room, d in delivered_at_lease if room > 2 * 4), None)
     assert first_large is not None, delivered_at_lease
     assert first_large <= 64 + 2 * 4
+
+
+async def test_lease_now_leases_at_once_unless_a_lease_call_is_in_flight(target: str) -> None:
+    """A carrier's acker asks for a lease call that can carry its acks: with a batch's
+    worth in hand the lease loop would wait for room, but leases at once when asked; not
+    while a lease call is in flight (a long poll), nor once stopping."""
+    owner = Owner(target, 10, path="/stuck")
+    owner.backlog, more = owner.backlog[:7], owner.backlog[7:]
+    pool = owner.pool(size=4, max_ahead=16)
+    pool.start()
+    # Four in flight (stuck), three waiting: more than half of the four ahead are still in
+    # hand, so the loop waits.
+    await wait_until(lambda: pool.in_flight == 4 and pool.outstanding == 7)
+    await asyncio.sleep(0.1)
+    calls = len(owner.rooms)
+    assert pool.lease_now()
+    await wait_until(lambda: len(owner.rooms) == calls + 1)
+    # The backlog is empty: that call now waits for more (a long poll); no other starts.
+    assert not pool.lease_now()
+    owner.more.set()  # the long poll ends with nothing: the loop waits for room again
+    owner.backlog = more
+    await wait_until(pool.lease_now)
+    # What it has room for: four workers and four ahead, less the seven in hand.
+    await wait_until(lambda: len(owner.rooms) == calls + 2 and pool.outstanding == 8)
+    assert owner.rooms[-1] == 1
+    await pool.stop(time.monotonic() + 0.5)
+    assert not pool.lease_now()

@@ -93,6 +93,8 @@ class DeliveryPool:
         self._outstanding = 0  # leased and not yet delivered
         self._capacity = asyncio.Event()
         self._refill_at = size  # the lease loop leases again once `outstanding` falls to this
+        self._leasing = False  # a lease call is in flight
+        self._lease_asked = False  # the owner asked for a lease call now (`lease_now`)
         # Every lease held and not yet reported (or settled): id -> (delivery, renewed at).
         self._held: dict[int, tuple[Delivery, float]] = {}
         self._in_flight: dict[int, Delivery] = {}
@@ -138,6 +140,16 @@ class DeliveryPool:
             self._rate = counted / elapsed
             self._rate_since, self._rate_count = now, self._delivered
         return min(max(self.size, int(self._rate * AHEAD_SECONDS)), self.max_ahead)
+
+    def lease_now(self) -> bool:
+        """Have the lease loop lease what it has room for now, even with enough in hand, for
+        an owner whose lease call carries other news (a carrier's acks). False when it
+        cannot start one now: stopping, without room, or a lease call in flight."""
+        if self._stopping or self._leasing or self.room <= 0:
+            return False
+        self._lease_asked = True
+        self._capacity.set()
+        return True
 
     def settled(self, ids: Iterable[int]) -> None:
         """The outcomes of these deliveries reached the server: stop renewing their leases
@@ -229,16 +241,21 @@ class DeliveryPool:
         while not self._stopping:
             ahead = self._ahead()
             self._refill_at = self.size + ahead // 2
-            if self._outstanding > self._refill_at:  # enough ahead in hand: wait for room
+            # Enough ahead in hand: wait for room (or for the owner's call, `lease_now`).
+            if self._outstanding > self._refill_at and not self._lease_asked:
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
+            self._lease_asked = False
+            self._leasing = True
             try:
-                leased = await self._lease(self.size + ahead - self._outstanding)
+                leased = await self._lease(max(self.size + ahead - self._outstanding, 1))
             except Exception:  # a bug in the owner's lease must not stop delivery for good
                 log.exception("leasing failed unexpectedly")
                 await asyncio.sleep(1.0)
                 continue
+            finally:
+                self._leasing = False
             for delivery in leased:
                 self.hold(delivery)
 
