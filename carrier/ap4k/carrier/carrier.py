@@ -3,7 +3,13 @@
     lease loop ──POST /v1/leases (long poll)──▶ server
         └──▶ ready buffer ──▶ N workers ──HTTP──▶ targets
                                   └──outcome──▶ acker ──POST /v1/acks (batched)──▶ server
+                                                  └──or with the next POST /v1/leases
     heartbeat ──POST /v1/leases/extend──▶ server   (for deliveries that outlive half a lease)
+
+Under a backlog the acker does not POST its acks alone: it has the lease loop lease what
+there is room for and carry the acks in that request (one round trip where there were two;
+only with a server that says it records them, `Leased.acks_on_lease`). While the lease
+loop long-polls an idle server, acks go out on their own, as before.
 
 The pool (ready buffer, workers, heartbeat, drain) is `ap4k.core.pool`, and delivery itself
 `ap4k.core.delivery`: the very code the server's dispatchers run. The server is called
@@ -41,8 +47,10 @@ log = logging.getLogger("ap4k.carrier")
 T = TypeVar("T")
 
 ACK_COALESCE_SECONDS = 0.005
-# At most this many times the concurrency leased ahead of the workers (ap4k.core.pool).
-LEASE_AHEAD_BATCHES = 8
+# At most this many times the concurrency leased ahead of the workers (ap4k.core.pool):
+# the pool leases about a quarter of a second of deliveries ahead, and at a few thousand a
+# second 8 × 32 lasted less than a lease round trip on a loaded machine (the workers waited).
+LEASE_AHEAD_BATCHES = 32
 # Of the shutdown budget: kept for the last acks (after the in-flight deliveries' grace), and
 # of that, for closing the connections.
 ACK_RESERVE_SECONDS = 4.0
@@ -131,6 +139,12 @@ class Carrier:
         )
         self._acks: list[wire.Ack] = []
         self._acks_pending = asyncio.Event()
+        # Whether the server answering our last lease call records acks sent with one.
+        self._acks_on_lease = False
+        self._acks_asked = False  # the acker asked the lease loop to carry the acks
+        # Set while no lease call carrying acks is in flight.
+        self._no_acks_leasing = asyncio.Event()
+        self._no_acks_leasing.set()
         self._stopping = asyncio.Event()
         self._lease_backoff = 0.1
         self.healthy = True
@@ -173,13 +187,22 @@ class Carrier:
     async def _lease(self, room: int) -> list[Delivery]:
         """One lease call, a long poll: the server answers as soon as it has any message for
         us, so there is no polling loop, busy or idle."""
+        # The acks ride along only when the acker asked for this call (under a backlog);
+        # such a call does not wait for work: the acks' answer is awaited.
+        acks: list[wire.Ack] = []
+        if self._acks_asked:
+            self._acks_asked = False
+            acks, self._acks = self._acks[:wire.MAX_LEASE_IDS], self._acks[wire.MAX_LEASE_IDS:]
         request = wire.LeaseRequest(
             carrier=self.settings.carrier_id,
             max_messages=min(room, wire.MAX_BATCH),
             queues=self.settings.queues or None,
-            wait_seconds=self.settings.poll_wait_seconds,
+            wait_seconds=0.0 if acks else self.settings.poll_wait_seconds,
             lease_seconds=self.settings.lease_seconds,
+            acks=acks or None,
         )
+        if acks:
+            self._no_acks_leasing.clear()
         try:
             # Not idempotent: a lease answered but lost would be leased twice.
             answer = await self.client.post(
@@ -190,13 +213,26 @@ class Carrier:
                 timeout=self.settings.poll_wait_seconds + 10,
             )
         except Ap4kError as exc:
+            self._keep_acks(acks)
+            self._acks_on_lease = False  # until a server says so again
             self.healthy = False
             log.warning("leasing failed (%s); retrying in %.1fs", exc, self._lease_backoff)
             await asyncio.sleep(self._lease_backoff)
             self._lease_backoff = min(self._lease_backoff * 2, 5.0)
             return []
+        except asyncio.CancelledError:  # the drain: the final flush sends them
+            self._keep_acks(acks)
+            raise
+        finally:
+            self._no_acks_leasing.set()
         self.healthy = True
         self._lease_backoff = 0.1
+        self._acks_on_lease = answer.acks_on_lease
+        if acks:
+            if answer.acks is None:  # not recorded (a server from before): send them again
+                self._keep_acks(acks)
+            else:
+                self._acked(acks, answer.acks, "/v1/leases")
         metrics.LEASED.inc(len(answer.messages))
         legacy = answer.signing_secrets
         keys = {
@@ -254,8 +290,37 @@ class Carrier:
             # Let the deliveries finishing now share the request: one POST of fifty acks
             # costs both sides little more than one of a single ack.
             await asyncio.sleep(ACK_COALESCE_SECONDS)
+            # A lease call carrying acks answers within a round trip: the acks that came
+            # meanwhile go with the next one.
+            await self._no_acks_leasing.wait()
             self._acks_pending.clear()
+            if not self._acks:
+                continue
+            if self._acks_on_lease and not self._acks_asked and self.pool.lease_now():
+                # The lease loop takes them now (it is not in a long poll and has room).
+                self._acks_asked = True
+                continue
+            if self._acks_asked:  # the lease loop has not started that call yet
+                continue
             await self._flush_acks()
+
+    def _keep_acks(self, acks: list[wire.Ack]) -> None:
+        """Acks a call did not deliver: back in front, for the acker's next round."""
+        if acks:
+            self._acks = acks + self._acks
+            self._acks_pending.set()
+
+    def _acked(self, acks: list[wire.Ack], result: wire.AckResult, path: str) -> None:
+        """The server has these acks: their leases need no more renewing."""
+        metrics.ACKS.labels(path).inc(len(acks))
+        self.pool.settled(int(a.id) for a in acks)
+        refused = result.refused
+        if refused:
+            metrics.ACKS_REFUSED.inc(len(refused))
+            log.info(
+                "%d acks refused (their leases had expired, or the server had them already)",
+                len(refused),
+            )
 
     async def _flush_acks(self, deadline: float | None = None) -> None:
         """Send what finished since the last call; on failure keep it and try again later
@@ -285,11 +350,7 @@ class Carrier:
                     return
                 await asyncio.sleep(pause)
                 continue
-            self.pool.settled(int(a.id) for a in batch)
-            refused = answer.refused
-            if refused:
-                metrics.ACKS_REFUSED.inc(len(refused))
-                log.info("%d acks refused (their leases had expired)", len(refused))
+            self._acked(batch, answer, "/v1/acks")
 
 
 def _lease_ref(delivery: Delivery) -> wire.LeaseRef:

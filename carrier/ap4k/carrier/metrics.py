@@ -19,6 +19,11 @@ DELIVERY_DURATION = Histogram(
     "Duration of the HTTP call to the target.",
     buckets=LATENCY_BUCKETS,
 )
+ACKS = Counter(
+    "ap4k_carrier_acks",
+    "Acks the server answered, by the call that carried them (/v1/acks or /v1/leases).",
+    ["path"],
+)
 ACKS_REFUSED = Counter(
     "ap4k_carrier_acks_refused", "Acks the server refused because the lease had expired."
 )

@@ -631,14 +631,6 @@ class FlowKeyList(Struct):
 # -- the carrier protocol -------------------------------------------------------------------
 
 
-class LeaseRequest(Struct, forbid_unknown_fields=True):
-    """Lease up to `max_messages`, long-polling up to `wait_seconds` for work."""
-
-    carrier: CarrierId
-    max_messages: Annotated[int, Meta(ge=1, le=1000)] = 100
-    queues: list[QueueName] | None = None
-    wait_seconds: Annotated[float, Meta(ge=0, le=60)] = 20.0
-    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
 
 
 class LeasedMessage(Struct):
@@ -662,6 +654,11 @@ class Leased(Struct):
     # By queue: the deprecated Ap4k-Signature secret, and the Standard Webhooks secrets.
     signing_secrets: dict[str, str] = msgspec.field(default_factory=dict)
     webhook_secrets: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    # Which of the request's `acks` were accepted (absent: the request carried none, or
+    # this server did not record them).
+    acks: AckResult | None = None
+    # This server records the acks a lease request carries (`LeaseRequest.acks`).
+    acks_on_lease: bool = False
 
 
 class NewSigningSecret(Struct):
@@ -701,6 +698,22 @@ class AckRequest(Struct, forbid_unknown_fields=True):
 class AckResult(Struct):
     accepted: list[str]
     refused: list[str]
+
+
+class LeaseRequest(Struct, forbid_unknown_fields=True):
+    """Lease up to `max_messages`, long-polling up to `wait_seconds` for work.
+
+    `acks`: outcomes of finished deliveries, as `POST /v1/acks` takes them, recorded before
+    the lease; the answer's `acks` says which were accepted. Send them only to a server
+    whose last `Leased` answer said `acks_on_lease` (servers before it refuse the field),
+    and resend them with `POST /v1/acks` unless the answer carries `acks`."""
+
+    carrier: CarrierId
+    max_messages: Annotated[int, Meta(ge=1, le=1000)] = 100
+    queues: list[QueueName] | None = None
+    wait_seconds: Annotated[float, Meta(ge=0, le=60)] = 20.0
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
+    acks: Annotated[list[Ack], Meta(max_length=MAX_LEASE_IDS)] | None = None
 
 
 class Extension(Struct):

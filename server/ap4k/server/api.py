@@ -74,6 +74,9 @@ class Services:
     api_token: str | None
     dispatchers: DispatcherPool | None = None
     ready: bool = True
+    # Whether lease requests' acks are recorded and the capability advertised (off: the
+    # answers of a server from before, which carriers must cope with in a rolling upgrade).
+    acks_on_lease: bool = True
 
 
 SERVICES = web.AppKey("services", Services)
@@ -620,11 +623,16 @@ async def purge_dead(request: web.Request) -> web.Response:
 
 
 async def lease(request: web.Request) -> web.Response:
-    """Lease up to max_messages for a carrier, long-polling up to wait_seconds for work."""
+    """Lease up to max_messages for a carrier, long-polling up to wait_seconds for work;
+    first record the acks the request carries (one round trip for both under a backlog)."""
     services = _services(request)
     body = decode(LEASE, await _json_body(request), indexed=False)
     leased_by = carrier_identity(body.carrier)
     wanted = lease_queues(body.queues)
+    acked = None
+    if body.acks is not None and services.acks_on_lease:
+        # Before leasing: a finished message of an ordering or flow key lets the next one go.
+        acked = await _record_acks(services, leased_by, body.acks)
     deadline = time.monotonic() + body.wait_seconds
     messages: list[wire.LeasedMessage] = []
     ids: list[int] = []
@@ -657,14 +665,26 @@ async def lease(request: web.Request) -> web.Response:
         # The carrier hung up while we leased for it: give the leases back at once.
         await services.store.release(leased_by, ids, [m.attempt for m in messages])
         raise ApiError(499, "client_closed", "the carrier closed the connection")
-    return json_response(wire.Leased(messages, secrets, webhook_secrets))
+    return json_response(
+        wire.Leased(
+            messages, secrets, webhook_secrets, acks=acked, acks_on_lease=services.acks_on_lease
+        )
+    )
 
 
 async def ack(request: web.Request) -> web.Response:
     services = _services(request)
     body = decode(ACKS, await _json_body(request), indexed=False)
-    leased_by = carrier_identity(body.carrier)
-    ids = lease_ids(body.acks, "acks")
+    return json_response(
+        await _record_acks(services, carrier_identity(body.carrier), body.acks)
+    )
+
+
+async def _record_acks(
+    services: Services, leased_by: str, acks: list[wire.Ack]
+) -> wire.AckResult:
+    """Record a carrier's acks (of `POST /v1/acks` or of a lease request)."""
+    ids = lease_ids(acks, "acks")
     reports = [
         OutcomeReport(
             id=msg_id,
@@ -679,14 +699,12 @@ async def ack(request: web.Request) -> web.Response:
             if item.response_excerpt is None
             else item.response_excerpt[: wire.EXCERPT_LENGTH].replace("\x00", ""),
         )
-        for item, msg_id in zip(body.acks, ids, strict=True)
+        for item, msg_id in zip(acks, ids, strict=True)
     ]
     accepted = await services.recorder.record(leased_by, reports) if reports else []
-    return json_response(
-        wire.AckResult(
-            accepted=[str(r.id) for r, ok in zip(reports, accepted, strict=True) if ok],
-            refused=[str(r.id) for r, ok in zip(reports, accepted, strict=True) if not ok],
-        )
+    return wire.AckResult(
+        accepted=[str(r.id) for r, ok in zip(reports, accepted, strict=True) if ok],
+        refused=[str(r.id) for r, ok in zip(reports, accepted, strict=True) if not ok],
     )
 
 

@@ -77,6 +77,9 @@ class ServerSettings:
     body_timeout_seconds: float = 60.0  # to read a request body, once its head is in
     # API connections held at once; None: as many as the descriptor limit leaves room for.
     max_connections: int | None = None
+    # Record the acks that carriers' lease requests carry, and say so in the answers. Off
+    # only to stand in for an older server (the rolling-upgrade tests).
+    acks_on_lease: bool = True
 
 
 class StartupError(RuntimeError):
@@ -177,6 +180,7 @@ class Server:
             wakeups=wakeups,
             leaser=self.leaser,
             api_token=s.api_token,
+            acks_on_lease=s.acks_on_lease,
         )
         app = web.Application(
             client_max_size=s.max_body_bytes,
