@@ -302,7 +302,7 @@ class Carrier:
                 continue
             if self._acks_asked:  # the lease loop has not started that call yet
                 continue
-            await self._flush_acks()
+            await self._flush_acks(once=True)
 
     def _keep_acks(self, acks: list[wire.Ack]) -> None:
         """Acks a call did not deliver: back in front, for the acker's next round."""
@@ -322,11 +322,12 @@ class Carrier:
                 len(refused),
             )
 
-    async def _flush_acks(self, deadline: float | None = None) -> None:
+    async def _flush_acks(self, deadline: float | None = None, *, once: bool = False) -> None:
         """Send what finished since the last call; on failure keep it and try again later
         (the pool's heartbeat renews these leases until the server has the acks). With a
         `deadline` (the drain's), give up then: the leases will expire and the messages
-        come back."""
+        come back. `once`: return after the first call that went through (the acker's
+        round: what finished meanwhile may ride a lease call)."""
         attempts = 0
         while self._acks:
             batch, self._acks = self._acks[:1000], self._acks[1000:]
@@ -351,6 +352,10 @@ class Carrier:
                 await asyncio.sleep(pause)
                 continue
             self._acked(batch, answer, "/v1/acks")
+            if once:
+                if self._acks:
+                    self._acks_pending.set()
+                return
 
 
 def _lease_ref(delivery: Delivery) -> wire.LeaseRef:
