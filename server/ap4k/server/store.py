@@ -256,7 +256,7 @@ class Store:
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 8) -> Store:
-        async def create(synchronous_commit: str) -> asyncpg.Pool:
+        async def create(synchronous_commit: str, plan_cache_mode: str) -> asyncpg.Pool:
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
@@ -266,12 +266,20 @@ class Store:
                 server_settings={
                     "application_name": "ap4k",
                     "synchronous_commit": synchronous_commit,
+                    "plan_cache_mode": plan_cache_mode,
                 },
             )
             assert pool is not None
             return pool
 
-        return cls(await create("on"), await create("off"))
+        # The delivery statements (lease, outcomes, release, extend) are planned for the
+        # arrays they are given: a generic plan guesses 10 rows for every unnest() and takes
+        # the table's row counts from its last ANALYZE, which may have seen few running
+        # rows. With thousands leased ahead (carriers) and an outcome batch grown to
+        # thousands while the previous one ran, that plan rescans the batch once per running
+        # row: a single COMPLETE was seen taking 1-40 s, and each slow one made the next
+        # batch bigger (docs/performance.md, "Generic plans and the outcome statements").
+        return cls(await create("on", "auto"), await create("off", "force_custom_plan"))
 
     async def close(self) -> None:
         await self.pool.close()
