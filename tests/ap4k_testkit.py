@@ -422,6 +422,18 @@ async def wait_ready(
             await asyncio.sleep(0.1)
 
 
+async def wait_completed(database_url: str, count: int, timeout: float = 60.0) -> None:
+    """Until `count` messages are recorded as completed (outcomes and carriers' acks reach
+    the database in batches, after the deliveries); then assert that many are."""
+    completed = "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await count_rows(database_url, completed) == count:
+            return
+        await asyncio.sleep(0.1)
+    assert await count_rows(database_url, completed) == count
+
+
 async def count_rows(database_url: str, sql: str, *args: Any) -> int:
     conn = await asyncpg.connect(database_url)
     try:

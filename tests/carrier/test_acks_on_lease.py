@@ -8,7 +8,14 @@ import os
 import signal
 from typing import Any
 
-from ap4k_testkit import CarrierProcess, Received, StartServer, count_rows, sink
+from ap4k_testkit import (
+    CarrierProcess,
+    Received,
+    StartServer,
+    count_rows,
+    sink,
+    wait_completed,
+)
 
 UNREACHABLE = "http://127.0.0.1:9/"
 
@@ -81,17 +88,9 @@ async def test_a_carrier_acks_on_its_own_with_a_server_from_before(
     carrier = await CarrierProcess(f"http://127.0.0.1:{server.settings.port}").start()
     try:
         async with sink() as target:
-            sent: set[str] = set()
-            for _ in range(3):
-                batch = [{"target": target.url} for _ in range(1000)]
-                sent.update(r["id"] for r in await api.send_batch("before", batch))
+            sent = await send_thousands(api, "before", target.url, 3)
             await target.wait_for(lambda: set(target.delivered_ids()) >= sent, timeout=120)
-            completed = "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
-            for _ in range(300):
-                if await count_rows(database_url, completed) == len(sent):
-                    break
-                await asyncio.sleep(0.1)
-            assert await count_rows(database_url, completed) == len(sent)
+            await wait_completed(database_url, len(sent), timeout=30)
             # Each delivered once: no ack was lost, no lease ran out.
             assert max(target.delivered_ids().values()) == 1
             assert await carrier.metric('ap4k_carrier_acks_total{path="/v1/leases"}') == 0
@@ -109,26 +108,12 @@ async def test_failing_over_to_a_server_from_before_loses_no_ack(
     carrier = await CarrierProcess(urls, lease_seconds=30).start()
     try:
         async with sink() as target:
-            sent: set[str] = set()
-            for _ in range(10):
-                batch = [{"target": target.url} for _ in range(1000)]
-                sent.update(r["id"] for r in await api.send_batch("upgrade", batch))
-            # Once the carrier leases ahead, its acks ride along with its lease calls.
-            for _ in range(600):
-                if await carrier.metric('ap4k_carrier_acks_total{path="/v1/leases"}') > 0:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("no ack rode a lease call")
+            sent = await send_thousands(api, "upgrade", target.url, 10)
+            await first_ack_on_a_lease_call(carrier)
             await newer.stop()  # the carrier carries on with the older server
             await target.wait_for(lambda: set(target.delivered_ids()) >= sent, timeout=120)
-            completed = "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
-            for _ in range(300):
-                if await count_rows(database_url, completed) == len(sent):
-                    break
-                await asyncio.sleep(0.1)
             # Within the 30 s leases: every ack reached one server or the other.
-            assert await count_rows(database_url, completed) == len(sent)
+            await wait_completed(database_url, len(sent), timeout=30)
             assert await carrier.metric('ap4k_carrier_acks_total{path="/v1/acks"}') > 0
     finally:
         carrier.kill()
@@ -161,17 +146,8 @@ async def test_a_carrier_killed_before_its_acks_went_out_loses_nothing(
 
     try:
         async with sink(answer_then_kill) as target:
-            sent: set[str] = set()
-            for _ in range(10):
-                batch = [{"target": target.url} for _ in range(1000)]
-                sent.update(r["id"] for r in await api.send_batch("doomed", batch))
-            # Once the carrier leases ahead, its acks ride along with its lease calls.
-            for _ in range(600):
-                if await doomed.metric('ap4k_carrier_acks_total{path="/v1/leases"}') > 0:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("no ack rode a lease call")
+            sent = await send_thousands(api, "doomed", target.url, 10)
+            await first_ack_on_a_lease_call(doomed)
             armed.set()
             await asyncio.wait_for(killed.wait(), timeout=60)
             await asyncio.sleep(0.1)
@@ -179,12 +155,7 @@ async def test_a_carrier_killed_before_its_acks_went_out_loses_nothing(
             survivor = await CarrierProcess(url, lease_seconds=2).start()
             try:
                 await target.wait_for(lambda: set(target.delivered_ids()) >= sent, timeout=120)
-                completed = "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
-                for _ in range(300):
-                    if await count_rows(database_url, completed) == len(sent):
-                        break
-                    await asyncio.sleep(0.1)
-                assert await count_rows(database_url, completed) == len(sent)
+                await wait_completed(database_url, len(sent), timeout=30)
                 # Deliveries the dead carrier had made, but the server never heard of, went
                 # out again.
                 counts = target.delivered_ids()
@@ -193,3 +164,21 @@ async def test_a_carrier_killed_before_its_acks_went_out_loses_nothing(
                 survivor.kill()
     finally:
         doomed.kill()
+
+
+async def send_thousands(api: Any, queue: str, target: str, thousands: int) -> set[str]:
+    """Enqueue `thousands` batches of 1,000 messages for `target`; their ids."""
+    sent: set[str] = set()
+    for _ in range(thousands):
+        batch = [{"target": target} for _ in range(1000)]
+        sent.update(r["id"] for r in await api.send_batch(queue, batch))
+    return sent
+
+
+async def first_ack_on_a_lease_call(carrier: CarrierProcess) -> None:
+    """Once a carrier leases ahead, its acks ride along with its lease calls."""
+    for _ in range(600):
+        if await carrier.metric('ap4k_carrier_acks_total{path="/v1/leases"}') > 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no ack rode a lease call")

@@ -15,6 +15,7 @@ from ap4k_testkit import (
     StartServer,
     count_rows,
     sink,
+    wait_completed,
 )
 
 
@@ -42,14 +43,9 @@ async def test_three_carriers_deliver_twenty_thousand(
             # All three carriers took part.
             for carrier in carriers:
                 assert await carrier.metric("ap4k_carrier_deliveries_total") > 0
-        completed = "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
         # The carriers' acks reach the database in batches, later than the deliveries; on a
         # loaded machine that can take a while.
-        for _ in range(600):
-            if await count_rows(database_url, completed) == 20_000:
-                break
-            await asyncio.sleep(0.1)
-        assert await count_rows(database_url, completed) == 20_000
+        await wait_completed(database_url, 20_000, timeout=60)
     finally:
         for carrier in carriers:
             carrier.kill()

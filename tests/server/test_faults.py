@@ -15,7 +15,15 @@ import asyncpg
 import pytest
 
 from ap4k.core.embedded_pg import EmbeddedPostgres
-from ap4k_testkit import Api, Received, ServerProcess, count_rows, create_database, sink
+from ap4k_testkit import (
+    Api,
+    Received,
+    ServerProcess,
+    count_rows,
+    create_database,
+    sink,
+    wait_completed,
+)
 
 
 async def slow_ok(_: Received, __: int) -> int:
@@ -45,12 +53,7 @@ async def test_sigkill_of_the_server_mid_delivery_loses_nothing(database_url: st
             assert set(target.delivered_ids()) == sent
             # Deliveries the killed process made but never recorded are made again (at
             # least once): wait until every message is recorded as completed.
-            completed = "SELECT count(*) FROM ap4k_messages WHERE state = 'completed'"
-            for _ in range(300):
-                if await count_rows(database_url, completed) == len(sent):
-                    break
-                await asyncio.sleep(0.1)
-            assert await count_rows(database_url, completed) == len(sent)
+            await wait_completed(database_url, len(sent), timeout=30)
     finally:
         await api.close()
         server.kill()
