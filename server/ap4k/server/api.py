@@ -52,7 +52,6 @@ from ap4k.server.validation import (
     parse_enqueue,
     parse_id,
     parse_settings,
-    too_deep,
 )
 from ap4k.server.wakeups import SETTINGS_CHANNEL, Wakeups
 
@@ -253,38 +252,42 @@ def checked_callbacks(
 
 
 
+def checked_message(
+    directory: QueueDirectory, settings: QueueSettings, m: wire.MessageIn, prefix: str
+) -> tuple[tuple[str, bool], tuple[str | None, str | None], bytes | None]:
+    """A message's target and callbacks, absolute and checked, and its body as stored; else
+    a 400 naming the field (`prefix` + its name)."""
+    return (
+        checked_target(directory, settings, m.url, prefix + "target"),
+        checked_callbacks(directory, settings, m, prefix),
+        encode_body(m, prefix + "body"),
+    )
+
+
 def _resolved(
     directory: QueueDirectory,
     settings: QueueSettings,
     messages: list[wire.MessageIn],
     is_batch: bool,
 ) -> tuple[list[tuple[str, bool]], list[tuple[str | None, str | None]], list[bytes | None]]:
-    """Each message's target and callbacks, absolute and checked (the directory caches
-    each distinct target's verdict), and its body as stored; a 400 naming the field.
-    Field names are spelt out only for an error: a batch holds up to a thousand."""
+    """`checked_message` of each message (the directory caches each distinct target's
+    verdict). A batch's field names are spelt out only for an error: it holds up to a
+    thousand messages."""
     targets = []
-    callbacks: list[tuple[str | None, str | None]] = []
+    callbacks = []
     bodies = []
-    name = "target"
-    try:
-        for m in messages:
-            name = "target"
-            targets.append(directory.target(settings, m.url))
-            if m.callback is None and m.failure_callback is None:
-                callbacks.append((None, None))
-            else:
-                name = "callback"
-                callback = directory.callback(settings, m.callback)
-                name = "failure_callback"
-                callbacks.append((callback, directory.callback(settings, m.failure_callback)))
-            name = "body"
-            bodies.append(encode_body(m))
-    except TargetError as exc:
-        # The message at fault is the first whose body is not in yet.
-        field = f"messages[{len(bodies)}].{name}" if is_batch else name
-        raise ApiError(400, "target_not_allowed", str(exc), field) from None
-    except ApiError:  # encode_body's only refusal: a body nested too deep to encode
-        raise too_deep(f"messages[{len(bodies)}].body" if is_batch else "body") from None
+    for i, m in enumerate(messages):
+        try:
+            target, urls, body = checked_message(directory, settings, m, "")
+        except ApiError:
+            if not is_batch:
+                raise
+            # Checked again to name the field in full (the same check refuses it again).
+            checked_message(directory, settings, m, f"messages[{i}].")
+            raise
+        targets.append(target)
+        callbacks.append(urls)
+        bodies.append(body)
     return targets, callbacks, bodies
 
 
