@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
@@ -58,9 +59,12 @@ async def test_lists_schedules_and_topics_pauses_and_deletes(
 ) -> None:
     server, api = await start_server(dispatchers=4, schedule_interval_seconds=3600)
     async with sink() as target:
+        # Half a day from now: the driven tick below (the next minute) must not reach it.
+        hour = (datetime.now(ZoneInfo("Europe/Berlin")).hour + 12) % 24
+        nightly_cron = f"30 {hour} * * *"
         report = {
             "queue": "reports",
-            "cron": "30 2 * * *",
+            "cron": nightly_cron,
             "timezone": "Europe/Berlin",
             "message": {"target": target.url + "/report", "body": {"kind": "nightly"}},
         }
@@ -95,7 +99,7 @@ async def test_lists_schedules_and_topics_pauses_and_deletes(
         await p.locator('nav a:has-text("Schedules")').click()
         nightly = p.locator('#schedules tr[data-id="nightly-report"]')
         heartbeat = p.locator('#schedules tr[data-id="heartbeat"]')
-        for text in ["reports", "30 2 * * *", "Europe/Berlin", f"POST {target.url}/report"]:
+        for text in ["reports", nightly_cron, "Europe/Berlin", f"POST {target.url}/report"]:
             await expect(nightly).to_contain_text(text)
         for text in ["ticks", "* * * * *", "UTC", beat["last_message_id"]]:
             await expect(heartbeat).to_contain_text(text)
