@@ -5,7 +5,7 @@ afresh instead of failing. Real PostgreSQL; the race is made deterministic with 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import asyncpg
@@ -45,6 +45,40 @@ async def test_a_row_postgresql_refuses_fails_only_its_own_request(database_url:
         assert isinstance(good_2, list) and len(good_2) == 1, good_2
         assert await count_rows(database_url, "SELECT count(*) FROM ap4k_messages") == 3
         assert sorted(len(rows) for rows in committed) == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_each_requests_follow_up_runs_when_its_statement_ends(database_url: str) -> None:
+    """`ended` gets each request's results (None when its INSERT failed) even when the
+    request stopped waiting, and one that fails leaves the other requests answered."""
+    store = await Store.connect(database_url, min_size=1, max_size=2)
+    ended: dict[str, list[tuple[int, str, bool]] | None] = {}
+
+    def follow_up(name: str) -> Callable[[list[tuple[int, str, bool]] | None], None]:
+        def record(results: list[tuple[int, str, bool]] | None) -> None:
+            ended[name] = results
+            if name == "failing":
+                raise RuntimeError("a follow-up that fails")
+
+        return record
+
+    try:
+        await store.migrate()
+        await store.ensure_queues(["grouped"])
+        inserter = Inserter(store, lambda rows, _results: None)
+        gone = inserter.submit([row("http://127.0.0.1:9/gone")], follow_up("gone"))
+        failing = inserter.submit([row("http://127.0.0.1:9/a")], follow_up("failing"))
+        refused = inserter.submit([row("http://127.0.0.1:9/\x00")], follow_up("refused"))
+        last = inserter.submit([row("http://127.0.0.1:9/b")], follow_up("last"))
+        gone.cancel()  # its request went away (a shutdown): the rows still go in
+        await inserter.drain()
+        assert gone.cancelled()
+        assert len(failing.result()) == 1 and len(last.result()) == 1
+        assert isinstance(refused.exception(), asyncpg.DataError)
+        assert ended["refused"] is None
+        assert [len(ended[name] or []) for name in ("gone", "failing", "last")] == [1, 1, 1]
+        assert await count_rows(database_url, "SELECT count(*) FROM ap4k_messages") == 3
     finally:
         await store.close()
 

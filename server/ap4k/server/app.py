@@ -22,11 +22,11 @@ from ap4k.core.embedded_pg import DataDirInUse, LocalCluster, default_data_dir
 from ap4k.server import api_schedules_topics, metrics
 from ap4k.server.api import (
     BODY_TIMEOUT_SECONDS,
-    MAX_BODY_BYTES,
     SERVICES,
     Services,
     add_routes,
     auth_middleware,
+    direct_enqueue,
     errors_middleware,
 )
 from ap4k.server.connections import ConnectionLimit, default_connection_limit, protocol_factory
@@ -189,7 +189,6 @@ class Server:
             + ([auth_middleware(s.api_token)] if s.api_token else []),
         )
         app[SERVICES] = self.services
-        app[MAX_BODY_BYTES] = s.max_body_bytes
         app[BODY_TIMEOUT_SECONDS] = s.body_timeout_seconds
         add_routes(app)
         add_console_routes(app)
@@ -202,6 +201,8 @@ class Server:
         )
         await self._runner.setup()
         assert self._runner.server is not None
+        http = self._runner.server
+        http.request_handler = direct_enqueue(app, http.request_handler)
         limit = s.max_connections or default_connection_limit(
             2 * s.pool_size + s.dispatchers
         )
@@ -209,7 +210,7 @@ class Server:
         # Our own listener rather than web.TCPSite: each connection gets the API's protocol
         # (JSON errors from the parser, the head deadline, the connection limit).
         protocol = protocol_factory(
-            self._runner.server,
+            http,
             self.connections,
             s.header_timeout_seconds,
             logging.getLogger("aiohttp.access") if s.access_log else None,

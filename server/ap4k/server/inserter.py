@@ -9,16 +9,21 @@ statement holding its rows has committed.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 
 import asyncpg
 
 from ap4k.server.store import EnqueueRow, Store
 
+log = logging.getLogger("ap4k.inserter")
+
 MAX_ROWS_PER_STATEMENT = 2000
 
 Results = list[tuple[int, str, bool]]  # per row: id, state, duplicate
-Pending = tuple[Sequence[EnqueueRow], "asyncio.Future[Results]"]
+# Called with a request's results once the statement holding its rows ended (None: it failed).
+Ended = Callable[[Results | None], None]
+Pending = tuple[Sequence[EnqueueRow], "asyncio.Future[Results]", Ended | None]
 
 
 class Inserter:
@@ -34,25 +39,31 @@ class Inserter:
         self._on_committed = on_committed
         self._concurrency = concurrency
         self._pending: list[Pending] = []
-        self._unanswered: set[asyncio.Future[Results]] = set()  # waiting or being written
         self._flushers = 0
         self._flushing: set[asyncio.Task[None]] = set()
 
     async def drain(self) -> None:
-        """Until every insert requested so far is committed or has failed."""
-        await asyncio.gather(*self._unanswered, return_exceptions=True)
+        """Until every insert requested so far is committed or has failed (whether or not
+        its request is still waiting: the flushers write whatever was submitted)."""
+        await asyncio.gather(*self._flushing, return_exceptions=True)
 
     async def insert(self, rows: Sequence[EnqueueRow]) -> list[tuple[int, str, bool]]:
         return await self.submit(rows)
 
-    def submit(self, rows: Sequence[EnqueueRow]) -> asyncio.Future[Results]:
+    def submit(
+        self, rows: Sequence[EnqueueRow], ended: Ended | None = None
+    ) -> asyncio.Future[Results]:
         """The future of the rows' results, set once the statement holding them committed
-        (a future, not a coroutine: the enqueue route needs no task of its own per request)."""
+        (a future, not a coroutine: the enqueue route needs no task of its own per request).
+
+        `ended` is called with the results (None: the statement failed) when the statement
+        ends, before the future is answered and whatever became of it: a request cancelled
+        (at shutdown) while its rows may still commit still gets its rows' follow-up done.
+        A call rather than the future's done-callback and `asyncio.shield`, which cost every
+        request a second future and three more callbacks through the event loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Results] = loop.create_future()
-        self._pending.append((rows, future))
-        self._unanswered.add(future)
-        future.add_done_callback(self._unanswered.discard)
+        self._pending.append((rows, future, ended))
         if self._flushers < self._concurrency:
             self._flushers += 1
             flusher = loop.create_task(self._flush())
@@ -82,24 +93,39 @@ class Inserter:
     async def _insert(self, batch: list[Pending]) -> bool:
         """One statement for the batch; each request's future gets its results or the error.
         False (and nothing answered) when a batch of several requests met a DataError."""
-        rows = [row for item_rows, _ in batch for row in item_rows]
+        rows = [row for item_rows, _, _ in batch for row in item_rows]
         try:
             results = await self._store.enqueue(rows, self._lease_seconds)
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future, ended in batch:
+                _call(ended, None)
                 future.cancel()
             raise
         except Exception as exc:
             if isinstance(exc, asyncpg.DataError) and len(batch) > 1:
                 return False
-            for _, future in batch:
+            for _, future, ended in batch:
+                _call(ended, None)
                 if not future.done():
                     future.set_exception(exc)
             return True
         self._on_committed(rows, results)
         offset = 0
-        for item_rows, future in batch:
-            if not future.done():
-                future.set_result(results[offset : offset + len(item_rows)])
+        for item_rows, future, ended in batch:
+            mine = results[offset : offset + len(item_rows)]
             offset += len(item_rows)
+            _call(ended, mine)
+            if not future.done():
+                future.set_result(mine)
         return True
+
+
+def _call(ended: Ended | None, results: Results | None) -> None:
+    """`ended(results)`; its failure is logged, never let through: the other requests of the
+    statement must still be answered."""
+    if ended is None:
+        return
+    try:
+        ended(results)
+    except Exception:
+        log.exception("the follow-up of an enqueue failed")
