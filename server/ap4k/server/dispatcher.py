@@ -81,6 +81,12 @@ class DispatcherPool:
         )
         self._reserved = 0  # places promised to enqueues in flight (direct hand-off)
         self._active: set[str] = set()  # queues that may have available messages
+        # Queues whose last lease came back full: a backlog we know of, which new messages
+        # must not overtake (`reserve`). Not every queue in `_active`: a hint or the poll
+        # says only that some message may be waiting, and refusing the hand-off for that
+        # sent every enqueue of a steady stream through the lease statement, once one had
+        # (docs/performance.md, "Latency tail").
+        self._backlogged: set[str] = set()
         self._next_poll = 0.0
         self._rotation = 0
         self._started = False
@@ -192,11 +198,15 @@ class DispatcherPool:
         settings = await self.directory.get(queue, create=False)
         if settings is None or settings.paused:
             self._active.discard(queue)
+            self._backlogged.discard(queue)
             return []
         deliveries = await self.leaser.lease(settings, limit, self.identity, self.lease_seconds)
         if len(deliveries) < limit:
             # Drained for now (or limited): wait for a hint or the next poll.
             self._active.discard(queue)
+            self._backlogged.discard(queue)
+        else:
+            self._backlogged.add(queue)
         return deliveries
 
     # -- direct hand-off ------------------------------------------------------------------
@@ -204,9 +214,10 @@ class DispatcherPool:
     def reserve(self, settings: QueueSettings, wanted: int) -> int:
         """How many of `wanted` new messages of this queue we will deliver straight away,
         inserted already leased to us (no lease statement): only while workers are idle,
-        the queue has no backlog we know of, and no pause, limit (the queue's or its flow
-        keys') or circuit breaker needs the database's view. The caller hands them over
-        with `take()` or gives the places back with `unreserve()`."""
+        the queue's last lease did not come back full (a backlog we know of), and no pause,
+        limit (the queue's or its flow keys') or circuit breaker needs the database's view.
+        The caller hands them over with `take()` or gives the places back with
+        `unreserve()`."""
         if (
             self.size <= 0
             or self.pool.stopping
@@ -215,7 +226,7 @@ class DispatcherPool:
             or settings.max_concurrency is not None
             or settings.circuit_breaker is not None
             or settings.flow_limits is not None
-            or settings.name in self._active
+            or settings.name in self._backlogged
         ):
             return 0
         granted = min(wanted, self.size - self.pool.outstanding - self._reserved)

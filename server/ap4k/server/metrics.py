@@ -79,6 +79,11 @@ LEASED = Counter(
     "Messages leased, by who leased them: dispatcher or carrier.",
     ["queue", "leaser"],
 )
+EVENT_LOOP_LAG = Histogram(
+    "ap4k_event_loop_lag_seconds",
+    "How much later than asked the event loop woke a sleeper, sampled four times a second.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 CIRCUITS_OPEN = Gauge(
     "ap4k_circuits_open",
     "Target origins whose circuit is open or half-open (messages held), per queue.",
