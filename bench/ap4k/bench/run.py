@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import platform
 import signal
@@ -368,6 +369,11 @@ class Bench:
             connector=aiohttp.TCPConnector(limit=256), timeout=aiohttp.ClientTimeout(total=60)
         )
         self.db = await asyncpg.connect(self.database_url)
+        # The load generator's full garbage collections over what its imports and set-up
+        # made would hold its loop: it would send late, in bursts (docs/performance.md,
+        # "Latency tail").
+        gc.collect()
+        gc.freeze()
 
     def _start_postgres(self) -> None:
         self.pg.init()
@@ -803,14 +809,12 @@ class Bench:
         await self.sink_reset()
         total = int(rate * (seconds + warmup))
         started = time.perf_counter()
+        server_cpu = self.server_process.cpu_seconds()
         errors = 0
         sent = 0
 
-        async def send_at(i: int) -> None:
+        async def send(i: int) -> None:
             nonlocal errors, sent
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
             body = {"target": self.sink + "/deliver", "body": {"t": time.time(), "i": i}}
             try:
                 await self.post("/v1/queues/bench-latency/messages", body)
@@ -818,13 +822,29 @@ class Bench:
             except (RuntimeError, aiohttp.ClientError, OSError):
                 errors += 1
 
+        async def offer() -> None:
+            # A task per message once it is due, not 11,000 waiting from the start: those
+            # filled the generator's heap, and its full collections over them (40-200 ms of
+            # CPU on a busy machine) made it send late, in bursts the server then absorbed.
+            sending: set[asyncio.Task[None]] = set()
+            for i in range(total):
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(send(i))
+                sending.add(task)
+                task.add_done_callback(sending.discard)
+            await asyncio.gather(*sending)
+
         async with progress("latency", lambda: f"{sent:,} of {total:,} sent, {errors} errors"):
-            await asyncio.gather(*[send_at(i) for i in range(total)])
+            await offer()
         deadline = time.monotonic() + 30
         while (await self.sink_stats())["received"] < total - errors:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
+        # The server's share of a core at this rate: what a busy machine must leave it.
+        server_cpu = (self.server_process.cpu_seconds() - server_cpu) * 1000 / max(total, 1)
         samples = (await self.sink_stats(latencies=True))["latencies"]
         samples = samples[int(rate * warmup) :]  # drop the warm-up second
         samples.sort()
@@ -832,9 +852,17 @@ class Bench:
             raise RuntimeError("latency: no message reached the sink")
         p50 = statistics.median(samples) * 1000
         p99 = samples[max(int(len(samples) * 0.99) - 1, 0)] * 1000
+        # The tail beyond p99 says whether a miss is a few pauses or a backlog building up.
+        p999 = samples[max(int(len(samples) * 0.999) - 1, 0)] * 1000
+        tail = (
+            f"p99.9 {p999:.1f} ms, max {samples[-1] * 1000:.1f} ms; "
+            f"server {server_cpu:.2f} CPU-s per 1,000"
+        )
         note = f"{errors} enqueue errors" if errors else ""
         self.figure(f"latency p50, enqueue → delivered, {rate} msg/s", p50, "ms", note)
-        p99_figure = self.figure(f"latency p99, enqueue → delivered, {rate} msg/s", p99, "ms")
+        p99_figure = self.figure(
+            f"latency p99, enqueue → delivered, {rate} msg/s", p99, "ms", tail
+        )
         at_most(p99_figure, 10)
         await self.wait_idle()
         await self.clear()
