@@ -4,6 +4,7 @@ answer alike, through the same middlewares (the JSON errors, the API token)."""
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import aiohttp
@@ -95,3 +96,27 @@ async def test_the_direct_path_asks_for_the_token(start_server: StartServer) -> 
             assert (status, answer["state"]) == (202, "available"), (way, answer)
     finally:
         await stranger.close()
+
+
+async def test_a_compressed_body_is_read_whole_and_under_the_limit(
+    start_server: StartServer,
+) -> None:
+    """A body already received whole is taken from aiohttp's buffer as it is (api._body):
+    a gzip-encoded one arrives decompressed, and what it decompresses to is held to the
+    body limit."""
+    _, api = await start_server(max_body_bytes=4096, dispatchers=0)
+    await api.settings("zipped", paused=True)
+    for body, status in (({"n": 1, "text": "z" * 3000}, 202), ({"text": "z" * 5000}, 413)):
+        raw = gzip.compress(orjson.dumps({"target": TARGET, "body": body}))
+        assert len(raw) < 4096
+        async with api.session.post(
+            f"{api.base_url}/v1/queues/zipped/messages",
+            data=raw,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ) as response:
+            answer = orjson.loads(await response.read())
+        assert response.status == status, answer
+        if status == 202:
+            assert (await api.message(answer["id"]))["body"] == body
+        else:
+            assert answer["error"]["code"] == "body_too_large", answer

@@ -164,8 +164,14 @@ async def _body(
     """`app`: the request's application, for a request that has no match info (one
     `direct_enqueue` took past the router)."""
     try:
-        if request.content.is_eof():  # all here already (most bodies): nothing to wait for
-            raw = await request.read()
+        content = request.content
+        if content.is_eof():
+            # All here already (most bodies): taken as it is, without request.read()'s loop
+            # of reads into a copy, under the same limit.
+            raw = content.read_nowait()
+            limit = request.client_max_size
+            if limit and len(raw) > limit:
+                raise web.HTTPRequestEntityTooLarge(limit, len(raw))
         else:
             async with asyncio.timeout((app or request.app)[BODY_TIMEOUT_SECONDS]):
                 raw = await request.read()
