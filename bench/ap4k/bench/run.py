@@ -7,7 +7,8 @@ load, so only such ratios mean anything), with the issue's target and a met/miss
 
 - bounds: bare one-row INSERT commits, bare 100-row INSERTs, bare lease + complete, and one
   process of bare client POSTs to the sink, once with aiohttp and once with libcurl (pycurl's
-  multi interface, the client ap4k delivers with): deliveries are read against the faster;
+  multi interface on ap4k's event-loop glue, `ap4k.core.curl.LoopMulti`: the client ap4k
+  delivers with): deliveries are read against the faster;
 - enqueue: single-message POSTs at concurrency 64, and batches of 100 (sent with libcurl),
   and as a reference beside the 100-row bound ap4k's own enqueue statement with 100 rows
   straight from asyncpg: PostgreSQL's share of a batch enqueue;
@@ -50,7 +51,7 @@ import psutil
 import pycurl
 
 from ap4k.core import wire
-from ap4k.core.curl import CurlClient
+from ap4k.core.curl import CurlClient, LoopMulti
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
 from ap4k.server import queries
 from ap4k.server.store import EnqueueRow, enqueue_document
@@ -654,12 +655,13 @@ class Bench:
         )
 
     async def bare_curl(self) -> Figure:
-        """The same loop with libcurl (pycurl's multi interface on this event loop, one
-        handle per concurrent request, reused): the HTTP client the deliveries go out
-        through, without any of ap4k's code around it."""
+        """The same loop with libcurl (driven from this event loop by `LoopMulti`, the glue the
+        deliveries use, which costs less per request than pycurl's own AsyncCurlMulti; one
+        handle per concurrent request, reused): the HTTP client the deliveries go out through,
+        without any of ap4k's delivery code around it."""
         url = self.sink + "/deliver"
         body = b'{"bench":true}'
-        multi = pycurl.AsyncCurlMulti()
+        multi = LoopMulti()
         idle: list[pycurl.Curl] = []
 
         def discard(_chunk: bytes) -> None:
@@ -671,17 +673,17 @@ class Bench:
             handle.setopt(pycurl.POSTFIELDS, body)
             handle.setopt(pycurl.HTTPHEADER, [b"Content-Type: application/json"])
             handle.setopt(pycurl.WRITEFUNCTION, discard)
-            await multi.perform(handle)
-            status = handle.getinfo(pycurl.RESPONSE_CODE)
+            code, message = await multi.perform(handle)
+            status = handle.getinfo(pycurl.RESPONSE_CODE) if code == 0 else 0
             if status != 200:
-                raise RuntimeError(f"the sink answered {status}")
+                raise RuntimeError(f"the sink answered {status or message}")
             idle.append(handle)
             return 1
 
         try:
             rate = await self.timed_loop("bare libcurl POSTs", self.o.seconds, 32, one)
         finally:
-            await multi.aclose()
+            await multi.close()
             for handle in idle:
                 handle.close()
         return self.figure(
