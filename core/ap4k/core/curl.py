@@ -282,11 +282,11 @@ class LoopMulti:
             self._timer = None
         self._multi.close()  # closes the pooled connections (POLL_REMOVE for each first)
         if self._loop is not None:
-            for fd, watched in list(self._watched.items()):
-                if self._epoll is None:
-                    self._watch_on_loop(self._loop, fd, watched, 0)
             if self._epoll is not None:
                 self._loop.remove_reader(self._epoll.fileno())
+            else:
+                for fd, watched in list(self._watched.items()):
+                    self._watch_on_loop(self._loop, fd, watched, 0)
         self._watched.clear()
         if self._epoll is not None:
             self._epoll.close()
