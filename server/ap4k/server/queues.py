@@ -2,7 +2,9 @@
 
 Settings change rarely and are read on every enqueue and lease, so each process keeps them in
 memory for a few seconds; a change made through any replica is announced with NOTIFY and
-drops the cached copy everywhere at once.
+drops the cached copy everywhere at once. A read that was under way when a change dropped the
+cache is used once but not kept: its answer may predate the change, and kept it would hide
+the change for CACHE_SECONDS (a rotated signing secret, a pause, a new allow-list).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ class QueueDirectory:
         # (queue, target) -> (absolute URL, explicitly allowed); valid while settings are.
         self._targets: dict[tuple[str, str], tuple[str, bool]] = {}
         self._unpaused: tuple[float, list[str]] | None = None
+        # Counts invalidations: a read that saw it move is not cached.
+        self._generation = 0
 
     async def get(self, name: str, *, create: bool = True) -> QueueSettings | None:
         cached = self._cache.get(name)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        generation = self._generation
         settings = await self._store.get_queue(name)
         if settings is None:
             if not create:
@@ -35,7 +40,8 @@ class QueueDirectory:
             await self._store.ensure_queues([name])
             settings = await self._store.get_queue(name)
             assert settings is not None
-        self.put(settings)
+        if generation == self._generation:
+            self.put(settings)
         return settings
 
     def cached(self, name: str) -> QueueSettings | None:
@@ -49,7 +55,10 @@ class QueueDirectory:
         """Names of the queues not paused, at most a fraction of a second old: every
         carrier's lease call looks at them, and they change only with settings."""
         if self._unpaused is None or self._unpaused[0] <= time.monotonic():
+            generation = self._generation
             names = await self._store.unpaused_queue_names()
+            if generation != self._generation:
+                return names
             self._unpaused = (time.monotonic() + UNPAUSED_CACHE_SECONDS, names)
         return self._unpaused[1]
 
@@ -60,6 +69,7 @@ class QueueDirectory:
         self._cache[settings.name] = (time.monotonic() + CACHE_SECONDS, settings)
 
     def invalidate(self, name: str | None = None) -> None:
+        self._generation += 1
         self._unpaused = None
         if name is None:
             self._cache.clear()
