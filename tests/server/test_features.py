@@ -16,7 +16,7 @@ import pytest
 from ap4k.core.curl import CurlClient, CurlError
 from ap4k.core.delivery import Deliverer, Delivery, Verdict
 from ap4k.core.targets import refuse_address
-from ap4k.server.app import freeze_start_up_objects
+from ap4k.core.workers import freeze_start_up_objects
 from ap4k_testkit import Api, Received, StartServer, count_rows, sink
 
 

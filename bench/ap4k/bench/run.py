@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import platform
 import signal
@@ -53,6 +52,7 @@ import pycurl
 from ap4k.core import wire
 from ap4k.core.curl import CurlClient, LoopMulti
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
+from ap4k.core.workers import freeze_start_up_objects
 from ap4k.server import queries
 from ap4k.server.store import EnqueueRow, enqueue_document
 
@@ -373,8 +373,7 @@ class Bench:
         # The load generator's full garbage collections over what its imports and set-up
         # made would hold its loop: it would send late, in bursts (docs/performance.md,
         # "Latency tail").
-        gc.collect()
-        gc.freeze()
+        freeze_start_up_objects()
 
     def _start_postgres(self) -> None:
         self.pg.init()

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ap4k.carrier.carrier import Carrier, CarrierSettings
 from ap4k.core import observability
+from ap4k.core.workers import freeze_start_up_objects
 
 
 async def run(settings: CarrierSettings, metrics_port: int, reuse_port: bool = False) -> None:
@@ -25,6 +26,7 @@ async def run(settings: CarrierSettings, metrics_port: int, reuse_port: bool = F
         )
         # With `--workers N` every worker serves /metrics on the port: a scrape reads one.
         runner = await observability.serve(app, "0.0.0.0", metrics_port, reuse_port=reuse_port)
+    freeze_start_up_objects()
     try:
         await carrier.run()
     finally:

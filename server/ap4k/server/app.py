@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import logging
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from aiohttp import web
 from yarl import URL
 
 from ap4k.core.embedded_pg import DataDirInUse, LocalCluster, default_data_dir
+from ap4k.core.workers import freeze_start_up_objects
 from ap4k.server import api_schedules_topics, metrics
 from ap4k.server.api import (
     BODY_TIMEOUT_SECONDS,
@@ -319,16 +319,6 @@ async def sample_loop_lag(interval: float) -> None:
         asked = time.perf_counter() + interval
         await asyncio.sleep(interval)
         metrics.EVENT_LOOP_LAG.observe(max(time.perf_counter() - asked, 0.0))
-
-
-def freeze_start_up_objects() -> None:
-    """Put what start-up built (modules, routes, pools, caches: some 54,000 objects) out of
-    the cyclic garbage collector's reach: every full collection otherwise walks all of them,
-    34-42 ms of the event loop on a busy 2-core machine, against under 2 ms for what is left
-    (docs/performance.md, "Latency tail"). They live as long as the process anyway.
-    Collected first, so that no start-up garbage is kept."""
-    gc.collect()
-    gc.freeze()
 
 
 def start_embedded(data_dir: Path | None) -> LocalCluster:
