@@ -54,7 +54,7 @@ from ap4k.core.curl import CurlClient, LoopMulti
 from ap4k.core.embedded_pg import EmbeddedPostgres, free_port
 from ap4k.core.workers import freeze_start_up_objects
 from ap4k.server import queries
-from ap4k.server.store import EnqueueRow, enqueue_document
+from ap4k.server.store import EnqueueRow, Store
 
 # The stages in the order they run; `--only` takes names from this list.
 STAGES = (
@@ -570,14 +570,15 @@ class Bench:
         )
 
     async def bare_enqueue_statement(self, rows: int, connections: int) -> Figure:
-        """The Inserter's own statement (queries.ENQUEUE_NEW, one JSON document) with `rows`
-        messages per commit into ap4k_messages, from `connections` asyncpg connections: no
-        HTTP, no server. Beside the bare 100-row INSERTs it shows PostgreSQL's share of a
-        batch enqueue: what ap4k's row costs over the bound's three-column one."""
+        """The Inserter's own statement (`Store.enqueue_on`: for the enqueue stage's plain
+        messages queries.ENQUEUE_PLAIN) with `rows` messages per commit into ap4k_messages,
+        from `connections` asyncpg connections: no HTTP, no server. Beside the bare 100-row
+        INSERTs it shows PostgreSQL's share of a batch enqueue: what ap4k's row costs over
+        the bound's three-column one."""
         message = wire.MessageIn(self.sink + "/deliver", {"bench": True})
         message.timeout_seconds = wire.DEFAULT_TIMEOUT_SECONDS  # as validation fills it in
         row = EnqueueRow("bench-statement", message, message.url, b'{"bench":true}')
-        document = enqueue_document([row] * rows)
+        batch = [row] * rows
         await self.put_queue("bench-statement", paused=True)
         pool = await asyncpg.create_pool(
             self.database_url, min_size=connections, max_size=connections
@@ -587,7 +588,7 @@ class Bench:
 
             async def insert() -> int:
                 async with pool.acquire() as conn:
-                    await conn.fetch(queries.ENQUEUE_NEW, document, 30.0)
+                    await Store.enqueue_on(conn, batch, 30.0)
                 return rows
 
             label = f"enqueue statement ×{rows}"

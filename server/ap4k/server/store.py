@@ -191,6 +191,34 @@ class _EnqueueInput(msgspec.Struct, omit_defaults=True):
 _encode_input = msgspec.json.Encoder().encode
 
 
+def plain_timeout(rows: Sequence[EnqueueRow]) -> float | None:
+    """The one timeout of rows that are all plain enough for queries.ENQUEUE_PLAIN (the
+    default method and priority, no headers, keys, attempts limit, delay, schedule, lease
+    or callbacks, and the same timeout); None when any is not."""
+    timeout = rows[0].message.timeout_seconds if rows else None
+    if timeout is None:
+        return None
+    for r in rows:
+        m = r.message
+        if (
+            r.leased_by is not None
+            or r.callback is not None
+            or r.failure_callback is not None
+            or m.timeout_seconds != timeout
+            or m.method != "POST"
+            or m.priority != 0
+            or m.headers
+            or m.dedup_key is not None
+            or m.ordering_key is not None
+            or m.flow_key is not None
+            or m.max_attempts is not None
+            or m.not_before is not None
+            or m.delay_seconds
+        ):
+            return None
+    return timeout
+
+
 def enqueue_document(rows: Sequence[EnqueueRow]) -> str:
     """The ENQUEUE statements' one parameter."""
     out = []
@@ -297,12 +325,22 @@ class Store:
     ) -> list[tuple[int, str, bool]]:
         """Insert rows in one statement; per row (id, state, duplicate), in input order."""
         async with self.pool.acquire() as conn:
-            return await self._enqueue(conn, rows, lease_seconds)
+            return await self.enqueue_on(conn, rows, lease_seconds)
 
     @staticmethod
-    async def _enqueue(
+    async def enqueue_on(
         conn: asyncpg.Connection, rows: Sequence[EnqueueRow], lease_seconds: float = 30.0
     ) -> list[tuple[int, str, bool]]:
+        timeout = plain_timeout(rows)
+        if timeout is not None:
+            records = await conn.fetch(
+                queries.ENQUEUE_PLAIN,
+                [r.queue for r in rows],
+                [r.target for r in rows],
+                [r.body for r in rows],
+                timeout,
+            )
+            return sorted((r["id"], r["state"], False) for r in records)
         if all(r.message.dedup_key is None for r in rows):
             records = await conn.fetch(queries.ENQUEUE_NEW, enqueue_document(rows), lease_seconds)
             return sorted((r["id"], r["state"], False) for r in records)
@@ -660,7 +698,7 @@ class Store:
             firings = await plan(due, now)
             made = [f for f in firings if f.row is not None]
             if made:
-                results = await self._enqueue(conn, [f.row for f in made if f.row is not None])
+                results = await self.enqueue_on(conn, [f.row for f in made if f.row is not None])
                 for firing, result in zip(made, results, strict=True):
                     firing.result = result
             await conn.execute(
