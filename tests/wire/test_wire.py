@@ -199,3 +199,73 @@ def test_a_message_round_trips_between_client_and_server() -> None:
         "d",
     )
     assert models.NewMessage("http://a.example/").to_json() == {"target": "http://a.example/"}
+
+
+def _old_shape(struct: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """The struct as declared before it left out its defaults: the same fields, types,
+    defaults and `forbid_unknown_fields`, every field written on encode."""
+    hints = get_type_hints(struct, include_extras=True)
+    info = struct.__struct_config__
+    fields: list[Any] = []
+    given = struct.__struct_defaults__
+    defaults = dict(zip(struct.__struct_fields__[len(struct.__struct_fields__) - len(given):],
+                        given, strict=True))
+    for name in struct.__struct_fields__:
+        if name in defaults:
+            fields.append((name, hints[name], defaults[name]))
+        else:
+            fields.append((name, hints[name]))
+    old = msgspec.defstruct(
+        struct.__name__, fields, forbid_unknown_fields=info.forbid_unknown_fields
+    )
+    assert not old.__struct_config__.omit_defaults
+    return old
+
+
+_LEASED = {
+    "id": "42", "queue": "q", "attempt": 1, "max_attempts": 5, "target": "http://t/x",
+    "method": "POST", "headers": {}, "body_json": "{}", "timeout_seconds": 30.0,
+    "created_at": 1.5,
+}
+
+
+@pytest.mark.parametrize(
+    ("struct", "given"),
+    [
+        (wire.Ack, {"id": "42", "attempt": 1, "outcome": "delivered", "queue": "q",
+                    "duration_seconds": 0.01, "status": 200}),
+        (wire.Ack, {"id": "42", "attempt": 3, "outcome": "retry", "error": "HTTP 503",
+                    "retry_after": 2.0, "duration_seconds": 0.5, "queue": "q", "status": 503,
+                    "response_excerpt": "busy"}),
+        (wire.LeasedMessage, _LEASED),
+        (wire.LeasedMessage, {**_LEASED, "ordering_key": "k", "explicitly_allowed": True}),
+    ],
+)
+def test_acks_and_leased_messages_interoperate_with_the_shape_before_omit_defaults(
+    struct: type[msgspec.Struct], given: dict[str, Any]
+) -> None:
+    """`Ack` and `LeasedMessage` leave fields at their default out of the JSON; carriers and
+    servers from before write every field: each side reads the other's encoding."""
+    old = _old_shape(struct)
+    new_value = msgspec.convert(given, struct)
+    old_value = msgspec.convert(given, old)
+    new_bytes = msgspec.json.encode(new_value)
+    old_bytes = msgspec.json.encode(old_value)
+    # The old decoder (forbid_unknown_fields as before) reads the new encoding, and the
+    # new decoder the old, to the same values.
+    assert msgspec.json.decode(new_bytes, type=old) == old_value
+    assert msgspec.json.decode(old_bytes, type=struct) == new_value
+    # What is left out is exactly the fields at their default (`given` sets none to it).
+    assert set(msgspec.json.decode(new_bytes)) == set(given)
+    assert set(msgspec.json.decode(old_bytes)) == set(struct.__struct_fields__)
+    assert len(new_bytes) <= len(old_bytes)
+
+
+def test_a_typical_ack_is_shorter_and_unknown_fields_are_still_refused() -> None:
+    ack = wire.Ack(id="42", attempt=1, outcome="delivered", queue="q",
+                   duration_seconds=0.01, status=200)
+    assert len(msgspec.json.encode(ack)) < len(msgspec.json.encode(_old_shape(wire.Ack)(
+        id="42", attempt=1, outcome="delivered", queue="q",
+        duration_seconds=0.01, status=200)))
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        msgspec.json.decode(b'{"id":"1","attempt":1,"outcome":"delivered","x":1}', type=wire.Ack)

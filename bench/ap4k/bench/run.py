@@ -908,7 +908,8 @@ class Bench:
         )
 
     async def stage_carriers(self, server_only: Figure) -> None:
-        await self.restart_server(0)
+        # The server with no dispatchers is started by `run` before the stage (and its
+        # --profile) begins: py-spy follows that server, not the one it replaced.
         carriers: list[Process] = []
         try:
             for count in sorted(set(self.o.carriers)):
@@ -1162,6 +1163,9 @@ class Bench:
                 self.monitor.take_peaks()
                 report = StageReport(stage)
                 started = time.perf_counter()
+                if stage == "carriers":
+                    # Before --profile attaches: the stage runs against this server.
+                    await self.restart_server(0)
                 async with self.profiled(stage):
                     if stage == "raw":
                         await self.stage_raw()

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import msgspec
+from prometheus_client import Counter
 
 from ap4k.carrier import metrics
 from ap4k.client.async_client import AsyncClient
 from ap4k.client.errors import Ap4kError
 from ap4k.core import wire
-from ap4k.core.delivery import Deliverer, Delivery, Outcome, from_leased
+from ap4k.core.delivery import Deliverer, Delivery, Outcome, Verdict, from_leased
 from ap4k.core.pool import DeliveryPool
 from ap4k.core.retry import RetryPolicy
 from ap4k.core.signatures import secret_key
@@ -148,6 +149,7 @@ class Carrier:
         self._stopping = asyncio.Event()
         self._lease_backoff = 0.1
         self.healthy = True
+        self._deliveries: dict[Verdict, Counter] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -264,7 +266,12 @@ class Carrier:
 
     def _record(self, delivery: Delivery, outcome: Outcome) -> None:
         if not outcome.cut_off:
-            metrics.DELIVERIES.labels(outcome.verdict.value).inc()
+            counted = self._deliveries.get(outcome.verdict)
+            if counted is None:  # the metric child of a verdict, once
+                counted = self._deliveries[outcome.verdict] = metrics.DELIVERIES.labels(
+                    outcome.verdict.value
+                )
+            counted.inc()
             metrics.DELIVERY_DURATION.observe(outcome.duration)
         self._acks.append(
             wire.Ack(

@@ -633,7 +633,7 @@ class FlowKeyList(Struct):
 
 
 
-class LeasedMessage(Struct):
+class LeasedMessage(Struct, omit_defaults=True):
     id: str
     queue: str
     attempt: int
@@ -677,7 +677,7 @@ class LeaseRef(Struct, forbid_unknown_fields=True):
     attempt: Annotated[int, Meta(ge=1, le=MAX_LEASE_ATTEMPT)]
 
 
-class Ack(Struct, forbid_unknown_fields=True):
+class Ack(Struct, forbid_unknown_fields=True, omit_defaults=True):
     id: MessageId
     attempt: Annotated[int, Meta(ge=1, le=MAX_LEASE_ATTEMPT)]
     outcome: Verdict
