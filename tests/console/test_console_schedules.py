@@ -120,8 +120,11 @@ async def test_lists_schedules_and_topics_pauses_and_deletes(
 
         # The last message id leads to the message that firing enqueued.
         await heartbeat.locator("a.last-message").click()
-        await expect(p.locator("h1")).to_contain_text(f"Message {beat['last_message_id']}")
-        await expect(p.locator("h1")).to_contain_text("completed")
+        # The Schedules page has two headings (Schedules, Topics): a locator that matches both
+        # fails at once (strict mode) instead of waiting, so wait for the message's heading.
+        heading = p.locator("h1", has_text=f"Message {beat['last_message_id']}")
+        await expect(heading).to_be_visible()
+        await expect(heading).to_contain_text("completed")
         await p.go_back()
 
         await nightly.locator('button[data-action="pause"]').click()
