@@ -114,3 +114,15 @@ async def test_a_refused_row_in_a_plain_batch_is_a_data_error(database_url: str)
             await store.enqueue(rows)
     finally:
         await store.close()
+
+
+def test_every_field_of_a_message_is_either_plain_or_sends_the_document() -> None:
+    """A field added to `wire.MessageIn` must be looked at by `plain_timeout`, or
+    ENQUEUE_PLAIN would store such messages without it: this fails until it is (and a case
+    for it is added to NOT_PLAIN)."""
+    plain_fields = {"target", "body", "timeout_seconds"}
+    # Checked on the row (`EnqueueRow.callback`, resolved from the message's) by the test above.
+    on_the_row = {"callback", "failure_callback"}
+    assert set(wire.MessageIn.__struct_fields__) == plain_fields | on_the_row | (
+        set(NOT_PLAIN) & set(wire.MessageIn.__struct_fields__)
+    )
