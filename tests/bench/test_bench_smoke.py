@@ -67,6 +67,19 @@ def test_quick_bench_reports_every_figure_beside_its_bound() -> None:
             assert abs(figure["ratio"] - figure["value"] / figure["bound_value"]) < 1e-9
         assert (figure["met"] is not None) == has_target, figure
         assert bool(figure["target"]) == has_target, figure
+    # Every rate carries the cores it kept busy, and one read against a bound its ceiling:
+    # the ratio at that cost per item with every core busy.
+    cores = psutil.cpu_count()
+    for figure in figures.values():
+        if figure["unit"] not in ("msg/s", "rows/s", "req/s"):
+            assert figure["cores_busy"] is None and figure["ceiling"] is None, figure
+            continue
+        assert 0 < figure["cores_busy"] <= cores + 0.05, figure
+        if figure["ratio"] is None:
+            assert figure["ceiling"] is None, figure
+        else:
+            ceiling = figure["ratio"] * cores / figure["cores_busy"]
+            assert abs(figure["ceiling"] - ceiling) < 1e-9, figure
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == ["raw", "enqueue", "delivery", "latency", "backlog", "carriers"]
     for stage in stages.values():
@@ -165,3 +178,22 @@ def test_ctrl_c_stops_quietly_and_leaves_no_process_behind() -> None:
     assert left == []  # no PostgreSQL of that run is running
     assert [c.pid for c in children if c.is_running() and c.status() != "zombie"] == []
     assert not Path(workdir).exists()
+
+
+def test_the_table_shows_the_cores_a_rate_kept_busy_and_its_ceiling() -> None:
+    from ap4k.bench.run import CORES, Figure, Rate, Report, render, versus
+
+    bound = Figure("bound: bare things", 1000.0, "msg/s", "raw", short="bare things")
+    bound.cores_busy = 2.0
+    figure = Figure("things", 300.0, "msg/s", "stage", note="its own note")
+    figure.cores_busy = Rate(300.0, 0.5 * CORES).cores_busy
+    versus(figure, bound, 0.6)
+    assert figure.ceiling is not None and abs(figure.ceiling - 0.6) < 1e-9
+    report = Report("a machine", {"workers": 1, "dispatchers": 32}, (0.0, 0.0, 0.0))
+    report.figures += [bound, figure]
+    table = render(report)
+    row = next(line for line in table.splitlines() if line.startswith("things"))
+    assert row.endswith(
+        f"{0.5 * CORES:.1f} of {CORES} cores busy, ceiling 0.60 × bound; its own note"
+    ), row
+    assert " MISSED " in row  # 0.3 of its bound against 0.6; at half the cores, 0.6 at most

@@ -61,6 +61,11 @@ STAGES = (
     "raw", "enqueue", "delivery", "latency", "backlog", "carriers", "outbox", "flow", "soak"
 )
 DEFAULT_STAGES = ("raw", "enqueue", "delivery", "latency", "backlog", "carriers")
+# The dispatchers of the server each stage runs against, where not --dispatchers: the
+# carriers stage measures a server that delivers nothing itself. `Bench.run` starts that
+# server before the stage (and its --profile) begins, so that py-spy follows it.
+STAGE_DISPATCHERS = {"carriers": 0}
+CORES = os.cpu_count() or 1
 PROGRESS_SECONDS = 3.0
 
 
@@ -115,9 +120,45 @@ class Figure:
     met: bool | None = None  # None: no target
     note: str = ""
     short: str = ""  # how a figure read against this one names it
+    # How many of the machine's cores were busy while a rate was measured (every process,
+    # the kernel's work included), and the ratio the figure would reach at that cost per
+    # item with every core busy: a target above this ceiling cannot be met on this machine
+    # without making each item cheaper.
+    cores_busy: float | None = None
+    ceiling: float | None = None
 
     def __post_init__(self) -> None:
         self.short = self.short or self.name
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Items per second, and the machine's busy cores meanwhile."""
+
+    per_second: float
+    cores_busy: float
+
+
+class BusyCores:
+    """The machine's busy cores over a stretch of time, from the kernel's counters: every
+    process and the kernel's own work (loopback TCP, page cache), not idle, I/O wait or
+    time stolen by a hypervisor."""
+
+    def __init__(self) -> None:
+        self.started, self.busy = time.perf_counter(), self._busy_seconds()
+
+    @staticmethod
+    def _busy_seconds() -> float:
+        t = psutil.cpu_times()
+        return float(
+            t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        )
+
+    def rate(self, items: float, seconds: float | None = None) -> Rate:
+        """`items` over `seconds` (default: since this started) as a Rate."""
+        elapsed = time.perf_counter() - self.started
+        cores = (self._busy_seconds() - self.busy) / elapsed if elapsed > 0 else 0.0
+        return Rate(items / (seconds or elapsed), cores)
 
 
 @dataclass
@@ -146,6 +187,8 @@ def versus(figure: Figure, bound: Figure | None, at_least: float | None = None) 
     figure.bound = bound.short
     figure.bound_value = bound.value
     figure.ratio = figure.value / bound.value
+    if figure.cores_busy:
+        figure.ceiling = figure.ratio * CORES / figure.cores_busy
     if at_least is not None:
         figure.target = f"≥ {at_least:g} × bound"
         figure.met = figure.ratio >= at_least
@@ -283,8 +326,12 @@ async def wait_http(url: str, process: Process | None = None, timeout: float = 6
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if process is not None and process.proc.poll() is not None:
+                # The log's end in the error: the work directory and its logs are removed
+                # on the way out unless --keep.
+                tail = process.log_path.read_text(errors="replace").splitlines()[-15:]
                 raise RuntimeError(
-                    f"{process.name} exited ({process.proc.returncode}); see {process.log_path}"
+                    f"{process.name} exited ({process.proc.returncode}); the end of "
+                    f"{process.log_path}:\n" + "\n".join(tail)
                 )
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 async with session.get(url) as response:
@@ -341,8 +388,16 @@ class Bench:
         self.figures.append(figure)
         return figure
 
-    def figure(self, name: str, value: float, unit: str, note: str = "", short: str = "") -> Figure:
-        return self.add(Figure(name, value, unit, self.stage, note=note, short=short))
+    def figure(
+        self, name: str, value: float | Rate, unit: str, note: str = "", short: str = ""
+    ) -> Figure:
+        """A figure of this stage; a Rate's value is its rate, with the cores it kept busy."""
+        if isinstance(value, Rate):
+            figure = Figure(name, value.per_second, unit, self.stage, note=note, short=short)
+            figure.cores_busy = value.cores_busy
+        else:
+            figure = Figure(name, value, unit, self.stage, note=note, short=short)
+        return self.add(figure)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -414,6 +469,7 @@ class Bench:
         self.processes.append(server)
         await wait_http(self.server + "/readyz", server)
         self.server_process = server
+        self.server_dispatchers = dispatchers
         self.monitor.watch(server)
         return server
 
@@ -493,7 +549,7 @@ class Bench:
 
     async def timed_loop(
         self, label: str, seconds: float, concurrency: int, step: Callable[[], Awaitable[int]]
-    ) -> float:
+    ) -> Rate:
         done = 0
         deadline = time.perf_counter() + seconds
 
@@ -504,9 +560,10 @@ class Bench:
                 done += n
 
         started = time.perf_counter()
+        busy = BusyCores()
         async with progress(label, lambda: f"{done / (time.perf_counter() - started):,.0f}/s"):
             await asyncio.gather(*[worker() for _ in range(concurrency)])
-        return done / (time.perf_counter() - started)
+        return busy.rate(done)
 
     # -- bounds: what the machine does right now without ap4k ------------------------------------
 
@@ -723,7 +780,7 @@ class Bench:
 
     async def enqueue_loop(
         self, label: str, concurrency: int, payload: dict[str, Any], messages: int
-    ) -> float:
+    ) -> Rate:
         """POSTs of `payload` to the bench-enqueue queue from `concurrency` keep-alive
         connections, each waiting for its 202: messages/s. Sent with libcurl (ap4k's own
         client, `ap4k.core.curl`), which costs this process about half of aiohttp's CPU per
@@ -745,11 +802,12 @@ class Bench:
         finally:
             await client.close()
 
-    async def drain_rate(self, queue: str, count: int, measured: int | None = None) -> float:
+    async def drain_rate(self, queue: str, count: int, measured: int | None = None) -> Rate:
         """Release `count` queued messages at once; the rate at which the sink gets them."""
         measured = measured or count
         await self.sink_reset()
         started = time.time()
+        busy = BusyCores()
         received = 0
         await self.put_queue(queue, paused=False)
 
@@ -763,11 +821,11 @@ class Bench:
                 if received >= measured:
                     break
                 await asyncio.sleep(0.05)
-        return float(stats["received"] / (stats["last_at"] - started))
+        return busy.rate(stats["received"], stats["last_at"] - started)
 
     async def delivery(
         self, label: str, delivering: list[Process]
-    ) -> tuple[float, dict[str, float]]:
+    ) -> tuple[Rate, dict[str, float]]:
         """Fill a paused queue, release it; the delivery rate and the CPU-seconds that each
         of the `delivering` processes (server, carriers) spent per 1,000 messages while
         draining, by process name."""
@@ -908,8 +966,7 @@ class Bench:
         )
 
     async def stage_carriers(self, server_only: Figure) -> None:
-        # The server with no dispatchers is started by `run` before the stage (and its
-        # --profile) begins: py-spy follows that server, not the one it replaced.
+        """Against a server without dispatchers (STAGE_DISPATCHERS)."""
         carriers: list[Process] = []
         try:
             for count in sorted(set(self.o.carriers)):
@@ -941,7 +998,6 @@ class Bench:
                 self.monitor.forget(carrier)
                 carrier.stop()
                 self.processes.remove(carrier)
-            await self.restart_server(self.o.dispatchers)
 
     async def stage_outbox(self) -> None:
         from ap4k.client.bench_outbox import run_outbox_bench
@@ -1163,9 +1219,9 @@ class Bench:
                 self.monitor.take_peaks()
                 report = StageReport(stage)
                 started = time.perf_counter()
-                if stage == "carriers":
-                    # Before --profile attaches: the stage runs against this server.
-                    await self.restart_server(0)
+                dispatchers = STAGE_DISPATCHERS.get(stage, self.o.dispatchers)
+                if dispatchers != self.server_dispatchers:
+                    await self.restart_server(dispatchers)
                 async with self.profiled(stage):
                     if stage == "raw":
                         await self.stage_raw()
@@ -1218,6 +1274,16 @@ def _value(value: float, unit: str) -> str:
     )
 
 
+def _note(f: Figure) -> str:
+    """The figure's note, after the cores its measurement kept busy and its ceiling."""
+    cpu = ""
+    if f.cores_busy is not None:
+        cpu = f"{f.cores_busy:.1f} of {CORES} cores busy"
+        if f.ceiling is not None:
+            cpu += f", ceiling {f.ceiling:.2f} × bound"
+    return "; ".join(part for part in (cpu, f.note) if part)
+
+
 def render(report: Report) -> str:
     o = report.options
     lines = [
@@ -1236,7 +1302,7 @@ def render(report: Report) -> str:
         mark = {True: "met", False: "MISSED", None: ""}[f.met]
         lines.append(
             f"{f.name:<50} {_value(f.value, f.unit):>10} {f.unit:<6}  {bound:<36} {ratio:>5}  "
-            f"{f.target:<14} {mark:<6} {f.note}".rstrip()
+            f"{f.target:<14} {mark:<6} {_note(f)}".rstrip()
         )
     lines += ["", f"{'stage':<10} {'seconds':>8}  {'load avg':<20} peak RSS (MB)"]
     for s in report.stages:
