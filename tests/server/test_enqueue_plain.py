@@ -1,6 +1,7 @@
-"""The plain-batch enqueue statement (queries.ENQUEUE_PLAIN, three typed arrays) writes what
-the general one (queries.ENQUEUE_NEW, the JSON document) writes for the same messages, and
-is taken only for messages with nothing but a target, a body and a timeout. Real PostgreSQL."""
+"""The plain-batch enqueue statement (queries.ENQUEUE_PLAIN: a queue and two typed arrays)
+writes what the general one (queries.ENQUEUE_NEW, the JSON document) writes for the same
+messages, and is taken only for messages with nothing but a target, a body and a timeout.
+Real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ SELECT queue, state::text, target, method, headers, body, priority, dedup_key, o
        attempt, max_attempts, timeout_seconds, scheduled_at = created_at AS due_now,
        attempted_at, finalized_at, leased_by, lease_expires_at, last_error, callback,
        failure_callback, flow_key, lease_order >> 42 AS priority_bits
-  FROM ap4k_messages WHERE id = ANY($1::bigint[]) ORDER BY id
+  FROM ap4k_messages WHERE id = ANY($1::bigint[]) ORDER BY array_position($1::bigint[], id)
 """
 
 
@@ -54,8 +55,11 @@ async def test_a_plain_batch_is_stored_as_the_json_document_would_store_it(
             stored_general = await conn.fetch(COLUMNS, ids)
     finally:
         await store.close()
-    # Ids in input order, every message available now, as the general statement answers.
-    assert [r[0] for r in fast] == sorted(r[0] for r in fast)
+    # Each queue's ids in input order (a request's rows are all for one queue), every
+    # message available now, as the general statement answers.
+    for queue in ("plain-a", "plain-b"):
+        ids_of_queue = [r[0] for r, row in zip(fast, rows, strict=True) if row.queue == queue]
+        assert ids_of_queue == sorted(ids_of_queue)
     assert [(state, dup) for _, state, dup in fast] == [("available", False)] * 4
     assert [r["state"] for r in general] == ["available"] * 4
     assert [dict(r) for r in stored_fast] == [dict(r) for r in stored_general]
@@ -112,6 +116,15 @@ async def test_a_refused_row_in_a_plain_batch_is_a_data_error(database_url: str)
         assert plain_timeout(rows) == 30.0
         with pytest.raises(asyncpg.DataError):
             await store.enqueue(rows)
+        # Requests for two queues share the group: one statement per queue, in one
+        # transaction, so the first queue's rows do not stay behind when the second fails
+        # (the inserter then inserts each request again on its own).
+        await store.ensure_queues(["plain-b"])
+        rows = [plain("plain-a", "ok", b"{}"), plain("plain-b", "\x00", b"{}")]
+        with pytest.raises(asyncpg.DataError):
+            await store.enqueue(rows)
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM ap4k_messages") == 0
     finally:
         await store.close()
 

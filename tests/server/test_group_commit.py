@@ -83,6 +83,54 @@ async def test_each_requests_follow_up_runs_when_its_statement_ends(database_url
         await store.close()
 
 
+async def test_a_second_statement_starts_only_once_a_full_group_waits(database_url: str) -> None:
+    """The inserter overlaps two statements without splitting groups: requests that arrive
+    while one statement is in flight wait until as many rows as it holds are waiting, and
+    the last flusher left takes whatever still waits. The statements are held by a table
+    lock, so that what is in flight at each step is known."""
+    store = await Store.connect(database_url, min_size=1, max_size=4)
+    committed: list[int] = []
+    holder = await asyncpg.connect(database_url)
+    observer = await asyncpg.connect(database_url)
+    try:
+        await store.migrate()
+        await store.ensure_queues(["grouped"])
+        inserter = Inserter(store, lambda rows, _results: committed.append(len(rows)))
+        rows = [row(f"http://127.0.0.1:9/{i}") for i in range(10)]
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("LOCK TABLE ap4k_messages IN SHARE MODE")  # INSERTs wait on it
+        first = inserter.submit(rows[:4])
+        await wait_for_lock_waits(observer, 1)
+        # 3 rows wait beside the 4 in flight: not a full group, no second statement.
+        short = inserter.submit(rows[4:7])
+        await asyncio.sleep(0.2)
+        assert await lock_waits(observer) == 1
+        # 5 rows wait: a second statement takes both requests.
+        full = inserter.submit(rows[7:9])
+        await wait_for_lock_waits(observer, 2)
+        # One more, behind two statements: it must not be left behind.
+        last = inserter.submit(rows[9:])
+        await lock.rollback()
+        results = await asyncio.wait_for(asyncio.gather(first, short, full, last), 10)
+        await inserter.drain()
+        assert [len(r) for r in results] == [4, 3, 2, 1]
+        assert sorted(committed[:2]) == [4, 5] and committed[2:] == [1]  # either may end first
+        assert await count_rows(database_url, "SELECT count(*) FROM ap4k_messages") == 10
+    finally:
+        await holder.close()
+        await observer.close()
+        await store.close()
+
+
+async def lock_waits(conn: asyncpg.Connection) -> int:
+    waiting: int = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return waiting
+
+
 async def test_a_duplicate_whose_original_is_deleted_mid_enqueue_is_inserted_afresh(
     start_server: StartServer, database_url: str
 ) -> None:
@@ -136,11 +184,7 @@ async def test_a_duplicate_whose_original_is_deleted_mid_enqueue_is_inserted_afr
 
 async def wait_for_lock_waits(conn: asyncpg.Connection, count: int) -> None:
     for _ in range(500):
-        waiting = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        if waiting >= count:
+        if await lock_waits(conn) >= count:
             return
         await asyncio.sleep(0.01)
     pytest.fail(f"expected {count} sessions waiting for a lock")

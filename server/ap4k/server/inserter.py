@@ -4,6 +4,11 @@ PostgreSQL commits one row at ~25,000/s but 100 rows at ~350,000 rows/s. Request
 arrive while a statement is in flight wait for the next one and go in together, so a burst
 of single-message POSTs costs a handful of commits. No request is answered before the
 statement holding its rows has committed.
+
+A second statement starts beside the one in flight once as many rows wait as it holds, so
+that one statement's execution overlaps the other's commit and the server's parsing of the
+next requests, without splitting groups (docs/performance.md, "The enqueue path, fifth
+pass").
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class Inserter:
         self,
         store: Store,
         on_committed: Callable[[Sequence[EnqueueRow], list[tuple[int, str, bool]]], None],
-        concurrency: int = 1,
+        concurrency: int = 2,
         lease_seconds: float = 30.0,
     ) -> None:
         self._store = store
@@ -39,6 +44,8 @@ class Inserter:
         self._on_committed = on_committed
         self._concurrency = concurrency
         self._pending: list[Pending] = []
+        self._pending_rows = 0
+        self._in_flight_rows = 0  # in the statements executing now
         self._flushers = 0
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -64,16 +71,28 @@ class Inserter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Results] = loop.create_future()
         self._pending.append((rows, future, ended))
-        if self._flushers < self._concurrency:
+        self._pending_rows += len(rows)
+        if self._flushers == 0 or (
+            self._flushers < self._concurrency and self._full_group_waits()
+        ):
             self._flushers += 1
             flusher = loop.create_task(self._flush())
             self._flushing.add(flusher)  # the loop holds tasks only weakly
             flusher.add_done_callback(self._flushing.discard)
         return future
 
+    def _full_group_waits(self) -> bool:
+        """Whether a statement may start beside the one in flight: as many rows wait as it
+        holds. One started for whatever waits (the first request to arrive, say) would split
+        the groups: statements would shrink, and what each costs per row would grow."""
+        return 0 < self._in_flight_rows <= self._pending_rows
+
     async def _flush(self) -> None:
+        """Statements for the waiting requests, one after another, while this is the only
+        flusher or a full group waits. A flusher leaves the rest to the other one still
+        running, and the last one takes whatever waits: no request is left behind."""
         try:
-            while self._pending:
+            while self._pending and (self._flushers == 1 or self._full_group_waits()):
                 batch: list[Pending] = []
                 count = 0
                 while self._pending and (
@@ -82,11 +101,16 @@ class Inserter:
                     item = self._pending.pop(0)
                     batch.append(item)
                     count += len(item[0])
-                if not await self._insert(batch):
-                    # A row PostgreSQL refuses fails the whole statement: insert each
-                    # request's rows on their own, so that only the request at fault fails.
-                    for item in batch:
-                        await self._insert([item])
+                self._pending_rows -= count
+                self._in_flight_rows += count
+                try:
+                    if not await self._insert(batch):
+                        # A row PostgreSQL refuses fails the whole statement: insert each
+                        # request's rows on their own, so that only the request at fault fails.
+                        for item in batch:
+                            await self._insert([item])
+                finally:
+                    self._in_flight_rows -= count
         finally:
             self._flushers -= 1
 

@@ -57,20 +57,27 @@ ENQUEUE_NEW = (
 )
 
 # The commonest batch, every message plain (a target, a body, the default method, priority
-# and timing, nothing else; store.plain_rows says which): three typed arrays instead of the
-# JSON document. PostgreSQL's CPU per row 5.4-5.6 -> 3.8-3.9 us (400 rows per statement on
-# one connection, as the inserter sends them): json_to_recordset's sixteen columns and the
-# CASE expressions over them cost more than asyncpg's encoding of three arrays, 0.5 us per
-# row more in the server (docs/performance.md, "The enqueue path, fourth pass: batches").
-# Every column is what ENQUEUE_NEW writes for such a message: available now, attempt 0.
+# and timing, nothing else; store.plain_timeout says which), all for one queue: the queue as
+# one value and two typed arrays instead of the JSON document. PostgreSQL's CPU per row
+# 5.4-5.6 -> 3.8-3.9 us (400 rows per statement on one connection, as the inserter sends
+# them): json_to_recordset's sixteen columns and the CASE expressions over them cost more
+# than asyncpg's encoding of the arrays. asyncpg encodes an array element by element and
+# builds a Record per row returned, so the queue goes as one value and the ids come back as
+# one array: 2.7-3.2 -> 1.9-2.0 us per row in the server (docs/performance.md, "The enqueue
+# path, fourth pass: batches"). Every column is what ENQUEUE_NEW writes for such a message:
+# available now, attempt 0. Ids are taken in input order (volatile expressions of the
+# select list are evaluated after its ORDER BY), so the sorted ids are the rows' in order.
 ENQUEUE_PLAIN = """
-INSERT INTO ap4k_messages (id, queue, state, target, method, body, priority, lease_order,
-                           timeout_seconds, scheduled_at, attempt)
-SELECT nextval('ap4k_messages_id_seq'), queue, 'available', target, 'POST', body, 0,
-       ap4k_lease_order(0), $4, now(), 0
-  FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS t(queue, target, body, ord)
- ORDER BY ord
-RETURNING id, state::text AS state
+WITH inserted AS (
+    INSERT INTO ap4k_messages (id, queue, state, target, method, body, priority, lease_order,
+                               timeout_seconds, scheduled_at, attempt)
+    SELECT nextval('ap4k_messages_id_seq'), $1::text, 'available', target, 'POST', body, 0,
+           ap4k_lease_order(0), $4, now(), 0
+      FROM unnest($2::text[], $3::bytea[]) WITH ORDINALITY AS t(target, body, ord)
+     ORDER BY ord
+    RETURNING id
+)
+SELECT array_agg(id ORDER BY id) FROM inserted
 """
 
 # Some messages with a dedup key: one that already exists in the queue yields the existing

@@ -219,6 +219,33 @@ def plain_timeout(rows: Sequence[EnqueueRow]) -> float | None:
     return timeout
 
 
+async def _enqueue_plain(
+    conn: asyncpg.Connection, rows: Sequence[EnqueueRow], timeout: float
+) -> list[tuple[int, str, bool]]:
+    """Plain rows (`plain_timeout`) with queries.ENQUEUE_PLAIN: one statement per queue, in
+    one transaction when the inserter grouped requests for several queues (a request's rows
+    are all for one queue; all of the group's rows commit or none do)."""
+
+    async def insert(queue: str, group: Sequence[EnqueueRow]) -> list[int]:
+        targets, bodies = [r.target for r in group], [r.body for r in group]
+        ids: list[int] = await conn.fetchval(queries.ENQUEUE_PLAIN, queue, targets, bodies, timeout)
+        return ids
+
+    queue = rows[0].queue
+    if all(r.queue == queue for r in rows):
+        return [(id_, "available", False) for id_ in await insert(queue, rows)]
+    by_queue: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_queue.setdefault(r.queue, []).append(i)
+    results: list[tuple[int, str, bool]] = [(0, "", False)] * len(rows)
+    async with conn.transaction():
+        for queue, indexes in by_queue.items():
+            ids = await insert(queue, [rows[i] for i in indexes])
+            for i, id_ in zip(indexes, ids, strict=True):
+                results[i] = (id_, "available", False)
+    return results
+
+
 def enqueue_document(rows: Sequence[EnqueueRow]) -> str:
     """The ENQUEUE statements' one parameter."""
     out = []
@@ -333,14 +360,7 @@ class Store:
     ) -> list[tuple[int, str, bool]]:
         timeout = plain_timeout(rows)
         if timeout is not None:
-            records = await conn.fetch(
-                queries.ENQUEUE_PLAIN,
-                [r.queue for r in rows],
-                [r.target for r in rows],
-                [r.body for r in rows],
-                timeout,
-            )
-            return sorted((r["id"], r["state"], False) for r in records)
+            return await _enqueue_plain(conn, rows, timeout)
         if all(r.message.dedup_key is None for r in rows):
             records = await conn.fetch(queries.ENQUEUE_NEW, enqueue_document(rows), lease_seconds)
             return sorted((r["id"], r["state"], False) for r in records)
