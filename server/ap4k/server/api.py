@@ -524,8 +524,8 @@ async def put_queue(request: web.Request) -> web.Response:
 
 
 async def _settings_changed(services: Services, settings: QueueSettings) -> None:
-    """Every replica and carrier picks up a queue's new settings."""
-    services.directory.put(settings)
+    """Every replica and carrier picks up a queue's new settings (this one at its next read:
+    the invalidation also keeps a read already under way from caching what it saw)."""
     services.directory.invalidate(settings.name)
     await services.store.notify(SETTINGS_CHANNEL, settings.name)
     if not settings.paused:
