@@ -64,7 +64,7 @@ ENQUEUE_NEW = (
 # than asyncpg's encoding of the arrays. asyncpg encodes an array element by element and
 # builds a Record per row returned, so the queue goes as one value and the ids come back as
 # one array: 2.7-3.2 -> 1.9-2.0 us per row in the server (docs/performance.md, "The enqueue
-# path, fourth pass: batches"). Every column is what ENQUEUE_NEW writes for such a message:
+# path", fourth and fifth passes). Every column is what ENQUEUE_NEW writes for such a message:
 # available now, attempt 0. Ids are taken in input order (volatile expressions of the
 # select list are evaluated after its ORDER BY), so the sorted ids are the rows' in order.
 ENQUEUE_PLAIN = """
